@@ -1,0 +1,563 @@
+//! pgmux configuration.
+//!
+//! # Pipeline
+//!
+//! [`load`] runs three stages:
+//!
+//! 1. **parse** — every source is parsed into a *layer* of optional values, each
+//!    tagged with the key it came from and its [`Origin`] (file + 1-based line,
+//!    environment variable, or flag). Type errors (not an integer, bad duration,
+//!    bad URL, unknown key, ...) are reported here.
+//! 2. **layer** — built-in defaults < TOML file < environment < command-line
+//!    flags; a later source replaces the value of an earlier one.
+//! 3. **validate** — range checks (`pool_size >= 1`, `max_message_size` bounds,
+//!    at least one database, ...) run on the *layered* values, so an invalid file
+//!    value that is overridden by the environment is not an error. Errors name the
+//!    key and the origin of the value that actually won.
+//!
+//! # Invariants
+//!
+//! * Loading never panics; every problem is a [`ConfigError`] whose `Display`
+//!   reads `"<origin>: <key>: <message>"`.
+//! * Passwords are wrapped in [`Secret`] and never appear in `Debug`, `Display`,
+//!   error messages or [`Config::to_redacted_toml`].
+//! * A successfully loaded [`Config`] has at least one database, every pool size
+//!   is `>= 1`, and `max_message_size` is within `1024 ..= 1 GiB`.
+//! * `listen` must be an IP socket address (`"0.0.0.0:6432"`, `"[::]:6432"`);
+//!   the single host name `localhost` is accepted and mapped to `127.0.0.1`.
+//!   No DNS resolution is performed.
+//! * Sizes: `kB`/`KB`/`KiB` = 1024 bytes, `MB`/`MiB` = 1024², `GB`/`GiB` = 1024³
+//!   (PostgreSQL convention), or plain integer bytes.
+//! * Durations: humantime strings (`"30s"`, `"5m"`, `"250ms"`) or a plain
+//!   integer number of seconds (also as a string, e.g. in environment variables).
+//! * `DATABASE_URL` replaces the primary of the database named by the URL's
+//!   database name; that database's replicas from the file are dropped (they
+//!   belong to the replaced server) while its `pool_size` override is kept.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+mod file;
+mod pgurl;
+mod render;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use pgurl::ParsedUrl;
+use scalar::{Raw, Scalars, Sourced};
+
+/// Raw values from command-line flags (strings, so this crate validates them uniformly and names the flag).
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    /// `--config FILE`
+    pub config: Option<PathBuf>,
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--database-url`
+    pub database_url: Option<String>,
+    /// `--read-database-url` (comma-separated list)
+    pub read_database_url: Option<String>,
+    /// `--pool-size`
+    pub pool_size: Option<String>,
+    /// `--max-client-conn`
+    pub max_client_conn: Option<String>,
+}
+
+/// Fully layered and validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Client listen address; default `0.0.0.0:6432`.
+    pub listen: SocketAddr,
+    /// Maximum concurrent client connections; default 5000, `>= 1`.
+    pub max_client_conn: usize,
+    /// Global default server pool size; default 20, `>= 1`.
+    pub pool_size: usize,
+    /// Client authentication method; default SCRAM-SHA-256.
+    pub auth_type: AuthType,
+    /// Default 120s.
+    pub query_wait_timeout: Duration,
+    /// Default 15s.
+    pub server_connect_timeout: Duration,
+    /// Default 60s.
+    pub client_login_timeout: Duration,
+    /// Default 30s.
+    pub shutdown_timeout: Duration,
+    /// Default 10m; zero means never.
+    pub server_idle_timeout: Duration,
+    /// Default 64 MiB; `1024 ..= 1 GiB`.
+    pub max_message_size: usize,
+    /// Tokio worker threads; default 0 = one per core.
+    pub workers: usize,
+    /// Key = the database name clients ask for.
+    pub databases: BTreeMap<String, Database>,
+    /// Key = user name.
+    pub users: BTreeMap<String, User>,
+}
+
+/// Client authentication method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    /// `"scram-sha-256"`
+    ScramSha256,
+    /// `"md5"`
+    Md5,
+    /// `"trust"`
+    Trust,
+}
+
+impl AuthType {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Md5 => "md5",
+            AuthType::Trust => "trust",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scram-sha-256" => Some(AuthType::ScramSha256),
+            "md5" => Some(AuthType::Md5),
+            "trust" => Some(AuthType::Trust),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AuthType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A logical database clients can connect to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Database {
+    /// The name clients ask for (same as the map key).
+    pub name: String,
+    /// Read-write server.
+    pub primary: ServerAddr,
+    /// Read-only servers.
+    pub replicas: Vec<ServerAddr>,
+    /// Per-database pool size override, `>= 1`.
+    pub pool_size: Option<usize>,
+}
+
+/// A user known to the proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    /// User name (same as the map key).
+    pub name: String,
+    /// Password; users without one cannot log in with password auth.
+    pub password: Option<Secret>,
+    /// Per-user pool size override, `>= 1`.
+    pub pool_size: Option<usize>,
+}
+
+/// A PostgreSQL server endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerAddr {
+    /// Host name, IP, or a unix-socket directory (starts with '/').
+    pub host: String,
+    /// Default 5432.
+    pub port: u16,
+    /// Database name on the server.
+    pub dbname: String,
+    /// Remaining URL query parameters (e.g. `sslmode`, `application_name`).
+    pub params: BTreeMap<String, String>,
+}
+
+impl ServerAddr {
+    /// True if `host` is a unix-socket directory.
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// The server as a `postgres://` URL (never contains credentials).
+    pub fn to_url(&self) -> String {
+        render::server_url(self)
+    }
+}
+
+/// A password or token: Debug and Display print "<redacted>"; `expose()` returns the real string.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The real secret value.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A configuration error: which key, where the value came from, and what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{origin}: {key}: {message}")]
+pub struct ConfigError {
+    /// Key path, e.g. `pool_size`, `databases.app.url`, `READ_DATABASE_URL`.
+    pub key: String,
+    /// Where the offending value came from.
+    pub origin: Origin,
+    /// Human-readable description (never contains a password).
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, origin: Origin, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            origin,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// Built-in default.
+    Default,
+    /// The TOML config file, with the 1-based line when known.
+    File {
+        /// Path of the file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: Option<usize>,
+    },
+    /// An environment variable (its name).
+    Env(String),
+    /// A command-line flag (e.g. `--pool-size`).
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("built-in default"),
+            Origin::File {
+                path,
+                line: Some(line),
+            } => write!(f, "config file {} line {line}", path.display()),
+            Origin::File { path, line: None } => write!(f, "config file {}", path.display()),
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+            Origin::Flag(name) => write!(f, "flag {name}"),
+        }
+    }
+}
+
+/// Default client listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:6432";
+/// Default maximum client connections.
+pub const DEFAULT_MAX_CLIENT_CONN: usize = 5000;
+/// Default global pool size.
+pub const DEFAULT_POOL_SIZE: usize = 20;
+/// Default maximum protocol message size (64 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// Smallest accepted `max_message_size`.
+pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+/// Largest accepted `max_message_size` (1 GiB).
+pub const MAX_MAX_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
+
+impl Default for Config {
+    /// Built-in defaults with no databases or users (not a valid config by itself).
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 6432)),
+            max_client_conn: DEFAULT_MAX_CLIENT_CONN,
+            pool_size: DEFAULT_POOL_SIZE,
+            auth_type: AuthType::ScramSha256,
+            query_wait_timeout: Duration::from_secs(120),
+            server_connect_timeout: Duration::from_secs(15),
+            client_login_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            server_idle_timeout: Duration::from_secs(600),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            workers: 0,
+            databases: BTreeMap::new(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Effective pool size for (database, user): database override > user override > global pool_size.
+    pub fn pool_size_for(&self, database: &str, user: &str) -> usize {
+        self.databases
+            .get(database)
+            .and_then(|d| d.pool_size)
+            .or_else(|| self.users.get(user).and_then(|u| u.pool_size))
+            .unwrap_or(self.pool_size)
+    }
+
+    /// Effective configuration as TOML with every password replaced by "<redacted>"
+    /// (URLs are rendered without credentials). Loading the output again yields the
+    /// same non-secret values; this is what `pgmux check-config` prints.
+    pub fn to_redacted_toml(&self) -> String {
+        render::redacted_toml(self)
+    }
+}
+
+/// Environment variables for top-level scalar keys: (variable, key).
+const ENV_SCALARS: &[(&str, &str)] = &[
+    ("PGMUX_LISTEN", "listen"),
+    ("PGMUX_POOL_SIZE", "pool_size"),
+    ("PGMUX_MAX_CLIENT_CONN", "max_client_conn"),
+    ("PGMUX_AUTH_TYPE", "auth_type"),
+    ("PGMUX_QUERY_WAIT_TIMEOUT", "query_wait_timeout"),
+    ("PGMUX_SERVER_CONNECT_TIMEOUT", "server_connect_timeout"),
+    ("PGMUX_CLIENT_LOGIN_TIMEOUT", "client_login_timeout"),
+    ("PGMUX_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+    ("PGMUX_SERVER_IDLE_TIMEOUT", "server_idle_timeout"),
+    ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
+    ("PGMUX_WORKERS", "workers"),
+];
+
+/// One database as seen by the layering stage.
+#[derive(Debug)]
+pub(crate) struct DbLayer {
+    pub(crate) primary: Sourced<ParsedUrl>,
+    pub(crate) replicas: Vec<Sourced<ParsedUrl>>,
+    pub(crate) pool_size: Option<Sourced<usize>>,
+}
+
+/// One user as seen by the layering stage.
+#[derive(Debug)]
+pub(crate) struct UserLayer {
+    pub(crate) password: Option<Sourced<Secret>>,
+    pub(crate) pool_size: Option<Sourced<usize>>,
+}
+
+/// Everything the file contributes.
+#[derive(Debug, Default)]
+pub(crate) struct FileLayer {
+    pub(crate) databases: BTreeMap<String, DbLayer>,
+    pub(crate) users: BTreeMap<String, UserLayer>,
+}
+
+fn env_get<'a>(env: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    env.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// Load: file path from flags.config, else env PGMUX_CONFIG, else no file.
+/// `env` is a snapshot of the process environment (main passes std::env::vars().collect()).
+pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    let mut scalars = Scalars::default();
+
+    // --- file ---
+    let file_path = match (&flags.config, env_get(env, "PGMUX_CONFIG")) {
+        (Some(p), _) => Some((p.clone(), Origin::Flag("--config".into()))),
+        (None, Some(p)) => Some((PathBuf::from(p), Origin::Env("PGMUX_CONFIG".into()))),
+        (None, None) => None,
+    };
+    let mut layer = FileLayer::default();
+    if let Some((path, origin)) = file_path {
+        let src = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::new(
+                "config",
+                origin,
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        layer = file::parse(&src, &path, &mut scalars)?;
+    }
+
+    // --- environment ---
+    for (var, key) in ENV_SCALARS {
+        if let Some(v) = env_get(env, var) {
+            scalars.set(key, Raw::Str(v), Origin::Env((*var).into()))?;
+        }
+    }
+
+    // --- flags ---
+    let flag_scalars: [(&Option<String>, &str, &str); 3] = [
+        (&flags.listen, "listen", "--listen"),
+        (&flags.pool_size, "pool_size", "--pool-size"),
+        (
+            &flags.max_client_conn,
+            "max_client_conn",
+            "--max-client-conn",
+        ),
+    ];
+    for (value, key, flag) in flag_scalars {
+        if let Some(v) = value {
+            scalars.set(key, Raw::Str(v), Origin::Flag(flag.into()))?;
+        }
+    }
+
+    // --- DATABASE_URL / READ_DATABASE_URL ---
+    let database_url = match (&flags.database_url, env_get(env, "DATABASE_URL")) {
+        (Some(v), _) => Some((v.as_str(), Origin::Flag("--database-url".into()))),
+        (None, Some(v)) => Some((v, Origin::Env("DATABASE_URL".into()))),
+        (None, None) => None,
+    };
+    let read_database_url = match (&flags.read_database_url, env_get(env, "READ_DATABASE_URL")) {
+        (Some(v), _) => Some((v.as_str(), Origin::Flag("--read-database-url".into()))),
+        (None, Some(v)) => Some((v, Origin::Env("READ_DATABASE_URL".into()))),
+        (None, None) => None,
+    };
+
+    let mut databases = layer.databases;
+    let mut url_db: Option<String> = None;
+    if let Some((url, origin)) = database_url {
+        let parsed = pgurl::parse(url, None)
+            .map_err(|m| ConfigError::new("DATABASE_URL", origin.clone(), m))?;
+        let name = parsed.addr.dbname.clone();
+        let primary = Sourced::new(parsed, "DATABASE_URL", origin);
+        match databases.get_mut(&name) {
+            Some(db) => {
+                db.primary = primary;
+                db.replicas.clear();
+            }
+            None => {
+                databases.insert(
+                    name.clone(),
+                    DbLayer {
+                        primary,
+                        replicas: Vec::new(),
+                        pool_size: None,
+                    },
+                );
+            }
+        }
+        url_db = Some(name);
+    }
+    if let Some((list, origin)) = read_database_url {
+        const KEY: &str = "READ_DATABASE_URL";
+        let target = match url_db {
+            Some(name) => name,
+            None if databases.len() == 1 => databases.keys().next().cloned().unwrap_or_default(),
+            None => {
+                return Err(ConfigError::new(
+                    KEY,
+                    origin,
+                    format!(
+                    "cannot tell which database the replicas belong to ({} databases configured): \
+                         set DATABASE_URL to name the primary",
+                    databases.len()
+                ),
+                ))
+            }
+        };
+        let mut replicas = Vec::new();
+        for (i, item) in list.split(',').map(str::trim).enumerate() {
+            if item.is_empty() {
+                continue;
+            }
+            let parsed = pgurl::parse(item, Some(&target)).map_err(|m| {
+                ConfigError::new(KEY, origin.clone(), format!("URL #{}: {m}", i + 1))
+            })?;
+            replicas.push(Sourced::new(parsed, KEY, origin.clone()));
+        }
+        if replicas.is_empty() {
+            return Err(ConfigError::new(
+                KEY,
+                origin,
+                "no URL given (expected a comma-separated list of postgres:// URLs)",
+            ));
+        }
+        if let Some(db) = databases.get_mut(&target) {
+            db.replicas = replicas;
+        }
+    }
+
+    // --- validate ---
+    let mut config = scalars.finish()?;
+    if databases.is_empty() {
+        return Err(ConfigError::new(
+            "databases",
+            Origin::Default,
+            "no database configured: set DATABASE_URL or add [databases.NAME] to the config file",
+        ));
+    }
+
+    let mut users = layer.users;
+
+    for (name, db) in databases {
+        let pool_size = match db.pool_size {
+            Some(p) => Some(p.at_least_one()?),
+            None => None,
+        };
+        let mut implicit = |url: &Sourced<ParsedUrl>| -> Result<(), ConfigError> {
+            let Some(user) = &url.value.user else {
+                return Ok(());
+            };
+            let entry = users.entry(user.clone()).or_insert(UserLayer {
+                password: None,
+                pool_size: None,
+            });
+            let Some(pw) = &url.value.password else {
+                return Ok(());
+            };
+            match &entry.password {
+                None => {
+                    entry.password = Some(Sourced::new(pw.clone(), &url.key, url.origin.clone()));
+                    Ok(())
+                }
+                Some(existing) if existing.value == *pw => Ok(()),
+                Some(existing) => Err(ConfigError::new(
+                    url.key.clone(),
+                    url.origin.clone(),
+                    format!(
+                        "password for user {user:?} in this URL differs from the one set by {} ({})",
+                        existing.key, existing.origin
+                    ),
+                )),
+            }
+        };
+        implicit(&db.primary)?;
+        for r in &db.replicas {
+            implicit(r)?;
+        }
+        config.databases.insert(
+            name.clone(),
+            Database {
+                name,
+                primary: db.primary.value.addr,
+                replicas: db.replicas.into_iter().map(|r| r.value.addr).collect(),
+                pool_size,
+            },
+        );
+    }
+
+    for (
+        name,
+        UserLayer {
+            password,
+            pool_size,
+        },
+    ) in users
+    {
+        let pool_size = match pool_size {
+            Some(p) => Some(p.at_least_one()?),
+            None => None,
+        };
+        config.users.insert(
+            name.clone(),
+            User {
+                name,
+                password: password.map(|p| p.value),
+                pool_size,
+            },
+        );
+    }
+
+    Ok(config)
+}

@@ -1,0 +1,271 @@
+//! Client-facing authentication: the server side of SCRAM-SHA-256 (RFC 5802/7677 as
+//! PostgreSQL speaks it) and MD5.
+//!
+//! A SCRAM verifier (salt, StoredKey, ServerKey) is derived **once per configured password**
+//! and cached by the caller: deriving costs 4096 HMAC rounds (milliseconds of CPU), checking
+//! a login costs two HMACs and a hash. Unknown users get a mock exchange with a verifier
+//! nobody can satisfy, so a login failure does not reveal whether the user exists.
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+type HmacSha256 = Hmac<Sha256>;
+
+pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// What a client must prove knowledge of, in PostgreSQL's `SCRAM-SHA-256$iter:salt$stored:server` form.
+#[derive(Clone)]
+pub struct ScramVerifier {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramVerifier(<redacted>)")
+    }
+}
+
+impl ScramVerifier {
+    /// Derives a verifier from a plain-text password with a fresh random salt.
+    pub fn derive(password: &str) -> Self {
+        let s = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        Self::parse(&s).expect("postgres-protocol produces a valid verifier")
+    }
+
+    /// Parses `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iter, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let iterations = iter.parse().ok()?;
+        let salt = B64.decode(salt).ok()?;
+        let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
+        let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
+        Some(ScramVerifier {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        })
+    }
+
+    /// A verifier no password matches (for unknown users).
+    pub fn impossible(user: &str, secret: &[u8; 32]) -> Self {
+        // Deterministic per user so that repeated probes see the same salt, like a real one.
+        let mut mac = HmacSha256::new_from_slice(secret).expect("any key length");
+        mac.update(user.as_bytes());
+        let salt = mac.finalize().into_bytes()[..16].to_vec();
+        let mut stored_key = [0u8; 32];
+        let mut server_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut stored_key);
+        rand::thread_rng().fill_bytes(&mut server_key);
+        ScramVerifier {
+            iterations: 4096,
+            salt,
+            stored_key,
+            server_key,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScramError {
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("channel binding is not supported on this connection")]
+    ChannelBinding,
+    #[error("SCRAM proof does not match")]
+    BadProof,
+}
+
+/// Server side of one SCRAM-SHA-256 exchange.
+pub struct ScramServer<'a> {
+    verifier: &'a ScramVerifier,
+    client_first_bare: String,
+    gs2_header: String,
+    server_first: String,
+    nonce: String,
+}
+
+impl<'a> ScramServer<'a> {
+    /// Handles client-first-message; returns the exchange and server-first-message.
+    pub fn start(
+        verifier: &'a ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(Self, String), ScramError> {
+        let msg =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        // gs2-header: cbind-flag "," [authzid] ","
+        let (flag, rest) = msg
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
+        match flag {
+            "n" | "y" => {}
+            f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
+            _ => return Err(ScramError::Malformed("gs2 cbind flag")),
+        }
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Malformed("gs2 header"))?;
+        if !authzid.is_empty() && !authzid.starts_with("a=") {
+            return Err(ScramError::Malformed("authzid"));
+        }
+        let gs2_header = format!("{flag},{authzid},");
+        // client-first-bare: [reserved-mext ","] username "," nonce ["," extensions]
+        let mut client_nonce = None;
+        for attr in bare.split(',') {
+            if let Some(n) = attr.strip_prefix("r=") {
+                client_nonce = Some(n);
+                break;
+            }
+            if attr.starts_with("m=") {
+                return Err(ScramError::Malformed("mandatory extension not supported"));
+            }
+        }
+        let client_nonce = client_nonce.ok_or(ScramError::Malformed("missing nonce"))?;
+        if client_nonce.is_empty()
+            || !client_nonce
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
+            return Err(ScramError::Malformed("invalid nonce"));
+        }
+        let mut raw = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let nonce = format!("{client_nonce}{}", B64.encode(raw));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
+        Ok((
+            ScramServer {
+                verifier,
+                client_first_bare: bare.to_owned(),
+                gs2_header,
+                server_first: server_first.clone(),
+                nonce,
+            },
+            server_first,
+        ))
+    }
+
+    /// Handles client-final-message; returns server-final-message on success.
+    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+        let msg =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("missing proof"))?;
+        let mut channel = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(c) = attr.strip_prefix("c=") {
+                channel = Some(c);
+            } else if let Some(r) = attr.strip_prefix("r=") {
+                nonce = Some(r);
+            }
+        }
+        let channel = channel.ok_or(ScramError::Malformed("missing channel binding"))?;
+        let channel = B64
+            .decode(channel)
+            .map_err(|_| ScramError::Malformed("channel binding"))?;
+        if channel != self.gs2_header.as_bytes() {
+            return Err(ScramError::ChannelBinding);
+        }
+        if nonce != Some(self.nonce.as_str()) {
+            return Err(ScramError::Malformed("nonce mismatch"));
+        }
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof"))?;
+        if proof.len() != 32 {
+            return Err(ScramError::Malformed("proof length"));
+        }
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
+        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for i in 0..32 {
+            client_key[i] = proof[i] ^ client_signature[i];
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !constant_time_eq(&stored, &self.verifier.stored_key) {
+            return Err(ScramError::BadProof);
+        }
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)))
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The `md5…` string a client sends for AuthenticationMD5Password.
+pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
+    postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    fn run(password_server: &str, password_client: &str) -> Result<(), ScramError> {
+        let verifier = ScramVerifier::derive(password_server);
+        let mut client =
+            ScramSha256::new(password_client.as_bytes(), ChannelBinding::unsupported());
+        let (server, first) = ScramServer::start(&verifier, client.message())?;
+        client.update(first.as_bytes()).unwrap();
+        let fin = server.finish(client.message())?;
+        client
+            .finish(fin.as_bytes())
+            .expect("client accepts the server signature");
+        Ok(())
+    }
+
+    #[test]
+    fn scram_accepts_the_right_password_with_a_real_client() {
+        run("s3cret", "s3cret").unwrap();
+    }
+
+    #[test]
+    fn scram_rejects_a_wrong_password() {
+        assert_eq!(run("s3cret", "guess"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn scram_rejects_garbage() {
+        let v = ScramVerifier::derive("x");
+        assert!(ScramServer::start(&v, b"").is_err());
+        assert!(ScramServer::start(&v, b"p=tls-server-end-point,,n=,r=abc").is_err());
+        assert!(ScramServer::start(&v, b"n,,n=,").is_err());
+        let (s, _) = ScramServer::start(&v, b"n,,n=,r=abc").unwrap();
+        assert!(s.finish(b"c=biws,r=abc,p=AAAA").is_err());
+    }
+
+    #[test]
+    fn verifier_parse_round_trip() {
+        let v = ScramVerifier::derive("pw");
+        assert_eq!(v.iterations, 4096);
+        assert!(ScramVerifier::parse("md5abc").is_none());
+    }
+}

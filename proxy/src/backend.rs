@@ -1,0 +1,534 @@
+//! Server connections: connect and log in to PostgreSQL, and the per-connection state the
+//! session and the pool share.
+//!
+//! A [`Server`] carries its own read buffer and the protocol bookkeeping that decides whether
+//! it may go back to the pool: how many ReadyForQuery messages are still owed
+//! (`outstanding`), whether extended-protocol messages were sent without a Sync yet
+//! (`unsynced`), the last transaction status, and whether its byte stream may be corrupt
+//! (`dirty`). [`Server::state`] turns that into one answer the pool acts on.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pgmux_config::{Secret, ServerAddr};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::params::ServerParams;
+use crate::protocol::frame::split_frame;
+use crate::protocol::messages::{self, ErrorFields};
+use crate::protocol::{ProtocolError, CANCEL_REQUEST, PROTOCOL_V3};
+
+/// Largest message accepted from a server during login.
+const MAX_LOGIN_MESSAGE: usize = 1 << 20;
+
+/// A byte stream to PostgreSQL: TCP or a unix socket.
+pub enum ServerStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl ServerStream {
+    pub async fn connect(addr: &ServerAddr) -> io::Result<Self> {
+        if addr.host.starts_with('/') {
+            let path = format!("{}/.s.PGSQL.{}", addr.host, addr.port);
+            Ok(ServerStream::Unix(UnixStream::connect(path).await?))
+        } else {
+            let s = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+            s.set_nodelay(true)?;
+            Ok(ServerStream::Tcp(s))
+        }
+    }
+
+    /// Non-blocking check of an idle connection: true if the peer closed it or sent
+    /// something unsolicited (e.g. a FATAL after pg_terminate_backend).
+    pub fn looks_dead(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let r = match self {
+            ServerStream::Tcp(s) => s.try_read(&mut probe),
+            ServerStream::Unix(s) => s.try_read(&mut probe),
+        };
+        match r {
+            Ok(_) => true, // EOF (0) or unexpected bytes: either way unusable
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(_) => true,
+        }
+    }
+}
+
+/// Borrowed read half of a [`ServerStream`].
+pub enum ServerRead<'a> {
+    Tcp(tokio::net::tcp::ReadHalf<'a>),
+    Unix(tokio::net::unix::ReadHalf<'a>),
+}
+
+/// Borrowed write half of a [`ServerStream`].
+pub enum ServerWrite<'a> {
+    Tcp(tokio::net::tcp::WriteHalf<'a>),
+    Unix(tokio::net::unix::WriteHalf<'a>),
+}
+
+impl ServerStream {
+    /// Splits into halves that can be read and written concurrently (no locking).
+    pub fn split(&mut self) -> (ServerRead<'_>, ServerWrite<'_>) {
+        match self {
+            ServerStream::Tcp(s) => {
+                let (r, w) = s.split();
+                (ServerRead::Tcp(r), ServerWrite::Tcp(w))
+            }
+            ServerStream::Unix(s) => {
+                let (r, w) = s.split();
+                (ServerRead::Unix(r), ServerWrite::Unix(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ServerRead<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerRead::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ServerRead::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerWrite<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerWrite::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ServerWrite::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerWrite::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ServerWrite::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerWrite::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ServerWrite::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    #[error("server {addr} rejected the login: {fields}")]
+    Server { addr: String, fields: ErrorFields },
+    #[error("server {addr} requested a password, but none is configured for user \"{user}\"")]
+    NoPassword { addr: String, user: String },
+    #[error("server {addr} asked for unsupported authentication: {what}")]
+    UnsupportedAuth { addr: String, what: String },
+    #[error("protocol error from server {addr}: {source}")]
+    Protocol { addr: String, source: ProtocolError },
+    #[error("server {addr} closed the connection during login")]
+    Eof { addr: String },
+}
+
+/// Where and how to cancel what a server is running.
+#[derive(Clone)]
+pub struct CancelTarget {
+    pub addr: Arc<ServerAddr>,
+    pub pid: i32,
+    pub secret: i32,
+    /// Held while a cancel for this server is in flight; the server is not handed to anyone
+    /// else until it is free (a late cancel must never hit a stranger's query).
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What the pool may do with a server coming back from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnState {
+    /// Idle, outside a transaction, nothing owed: reuse as is.
+    Clean,
+    /// Idle inside a (possibly failed) transaction: ROLLBACK, then reuse.
+    NeedsRollback,
+    /// A request is still running: cancel it and close.
+    Busy,
+    /// The byte stream cannot be trusted: close.
+    Broken,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Server {
+    pub id: u64,
+    pub stream: ServerStream,
+    /// Bytes read from the server and not yet scanned/forwarded.
+    pub buf: BytesMut,
+    pub params: ServerParams,
+    pub cancel: CancelTarget,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// ReadyForQuery messages still owed (one per Query, Sync, FunctionCall sent).
+    pub outstanding: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    pub unsynced: bool,
+    /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
+    pub status: u8,
+    /// The stream may be mid-message or in an unknown state.
+    pub dirty: bool,
+    /// Bytes of a message being streamed through that have not arrived yet.
+    pub pending_body: usize,
+}
+
+impl Server {
+    pub fn state(&self) -> ReturnState {
+        if self.dirty {
+            ReturnState::Broken
+        } else if self.outstanding > 0 || self.unsynced || self.pending_body > 0 {
+            ReturnState::Busy
+        } else if !self.buf.is_empty() {
+            ReturnState::Broken
+        } else if self.status == b'I' {
+            ReturnState::Clean
+        } else {
+            ReturnState::NeedsRollback
+        }
+    }
+
+    /// Connects and logs in as `user` to `addr`.
+    pub async fn connect(
+        addr: &Arc<ServerAddr>,
+        user: &str,
+        password: Option<&Secret>,
+        connect_timeout: Duration,
+    ) -> Result<Server, BackendError> {
+        let name = display_addr(addr);
+        let fut = async {
+            let stream =
+                ServerStream::connect(addr)
+                    .await
+                    .map_err(|source| BackendError::Connect {
+                        addr: name.clone(),
+                        source,
+                    })?;
+            login(stream, addr, &name, user, password).await
+        };
+        match tokio::time::timeout(connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::ConnectTimeout(name)),
+        }
+    }
+
+    /// Runs a simple query and reads up to its ReadyForQuery, recording ParameterStatus.
+    /// Returns the first error the server reported, if any.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Option<ErrorFields>, ProtocolError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'S' => {
+                    let (k, v) = messages::parse_parameter_status(&frame.body)?;
+                    self.params.reported(k, v);
+                }
+                b'E' if error.is_none() => error = Some(ErrorFields::parse(&frame.body)?),
+                b'Z' => {
+                    self.status = frame.body.first().copied().unwrap_or(b'E');
+                    return Ok(error);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<crate::protocol::frame::Frame, ProtocolError> {
+        loop {
+            if let Some(f) = split_frame(&mut self.buf, MAX_LOGIN_MESSAGE)? {
+                return Ok(f);
+            }
+            self.buf.reserve(4096);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
+
+    /// Polite close: Terminate, then drop the socket.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        messages::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+    }
+}
+
+pub fn display_addr(addr: &ServerAddr) -> String {
+    format!("{}:{}/{}", addr.host, addr.port, addr.dbname)
+}
+
+async fn login(
+    stream: ServerStream,
+    addr: &Arc<ServerAddr>,
+    name: &str,
+    user: &str,
+    password: Option<&Secret>,
+) -> Result<Server, BackendError> {
+    let proto = |source| BackendError::Protocol {
+        addr: name.to_owned(),
+        source,
+    };
+    let mut server = Server {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        params: ServerParams::default(),
+        cancel: CancelTarget {
+            addr: addr.clone(),
+            pid: 0,
+            secret: 0,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        },
+        created: Instant::now(),
+        last_used: Instant::now(),
+        outstanding: 0,
+        unsynced: false,
+        status: b'I',
+        dirty: false,
+        pending_body: 0,
+    };
+    let mut out = BytesMut::with_capacity(256);
+    startup_message(&mut out, &[("user", user), ("database", &addr.dbname)]);
+    server
+        .stream
+        .write_all(&out)
+        .await
+        .map_err(|e| proto(e.into()))?;
+
+    let mut scram: Option<ScramSha256> = None;
+    let mut startup = Vec::new();
+    let need_password = || match password {
+        Some(p) => Ok(p.expose()),
+        None => Err(BackendError::NoPassword {
+            addr: name.to_owned(),
+            user: user.to_owned(),
+        }),
+    };
+    loop {
+        let frame = match server.read_frame().await {
+            Ok(f) => f,
+            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(BackendError::Eof {
+                    addr: name.to_owned(),
+                })
+            }
+            Err(e) => return Err(proto(e)),
+        };
+        let body = &frame.body[..];
+        match frame.tag {
+            b'R' => {
+                if body.len() < 4 {
+                    return Err(proto(ProtocolError::Malformed("Authentication")));
+                }
+                let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let data = &body[4..];
+                out.clear();
+                match code {
+                    0 => continue,
+                    3 => password_message(&mut out, need_password()?.as_bytes()),
+                    5 => {
+                        let salt: [u8; 4] = data.try_into().map_err(|_| {
+                            proto(ProtocolError::Malformed("AuthenticationMD5Password"))
+                        })?;
+                        let hash = crate::auth::md5_response(user, need_password()?, salt);
+                        password_message(&mut out, hash.as_bytes());
+                    }
+                    10 => {
+                        let offers_scram = data
+                            .split(|b| *b == 0)
+                            .any(|m| m == crate::auth::SCRAM_SHA_256.as_bytes());
+                        if !offers_scram {
+                            return Err(BackendError::UnsupportedAuth {
+                                addr: name.to_owned(),
+                                what: format!(
+                                    "SASL mechanisms {:?}",
+                                    String::from_utf8_lossy(data)
+                                ),
+                            });
+                        }
+                        let s = ScramSha256::new(
+                            need_password()?.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        sasl_initial_response(&mut out, crate::auth::SCRAM_SHA_256, s.message());
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| proto(ProtocolError::Malformed("SASLContinue")))?;
+                        s.update(data).map_err(|e| proto(ProtocolError::Io(e)))?;
+                        sasl_response(&mut out, s.message());
+                    }
+                    12 => {
+                        let mut s = scram
+                            .take()
+                            .ok_or_else(|| proto(ProtocolError::Malformed("SASLFinal")))?;
+                        s.finish(data).map_err(|e| proto(ProtocolError::Io(e)))?;
+                    }
+                    other => {
+                        return Err(BackendError::UnsupportedAuth {
+                            addr: name.to_owned(),
+                            what: format!("authentication request {other}"),
+                        })
+                    }
+                }
+                if !out.is_empty() {
+                    server
+                        .stream
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| proto(e.into()))?;
+                }
+            }
+            b'S' => {
+                let (k, v) = messages::parse_parameter_status(body).map_err(proto)?;
+                startup.push((k.to_owned(), v.to_owned()));
+            }
+            b'K' => {
+                if body.len() < 8 {
+                    return Err(proto(ProtocolError::Malformed("BackendKeyData")));
+                }
+                server.cancel.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                server.cancel.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+            }
+            b'E' => {
+                let fields = ErrorFields::parse(body).map_err(proto)?;
+                return Err(BackendError::Server {
+                    addr: name.to_owned(),
+                    fields,
+                });
+            }
+            b'Z' => {
+                server.params = ServerParams::from_startup(startup);
+                server.status = body.first().copied().unwrap_or(b'I');
+                return Ok(server);
+            }
+            _ => {} // NoticeResponse, NegotiateProtocolVersion: nothing to do
+        }
+    }
+}
+
+fn startup_message(out: &mut BytesMut, params: &[(&str, &str)]) {
+    let at = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&PROTOCOL_V3.to_be_bytes());
+    for (k, v) in params {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&[0]);
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(&[0]);
+    }
+    out.extend_from_slice(&[0]);
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn password_message(out: &mut BytesMut, data: &[u8]) {
+    out.extend_from_slice(b"p");
+    out.extend_from_slice(&((data.len() + 5) as i32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(&[0]);
+}
+
+/// SASLResponse: like PasswordMessage but the data carries no terminator.
+fn sasl_response(out: &mut BytesMut, data: &[u8]) {
+    out.extend_from_slice(b"p");
+    out.extend_from_slice(&((data.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+fn sasl_initial_response(out: &mut BytesMut, mechanism: &str, data: &[u8]) {
+    out.extend_from_slice(b"p");
+    let len = 4 + mechanism.len() + 1 + 4 + data.len();
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    out.extend_from_slice(mechanism.as_bytes());
+    out.extend_from_slice(&[0]);
+    out.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Sends a CancelRequest for `target` and waits until PostgreSQL closes the connection
+/// (which it does after signalling the backend).
+pub async fn send_cancel(target: &CancelTarget, timeout: Duration) -> io::Result<()> {
+    let fut = async {
+        let mut s = ServerStream::connect(&target.addr).await?;
+        let mut pkt = Vec::with_capacity(16);
+        pkt.extend_from_slice(&16i32.to_be_bytes());
+        pkt.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+        pkt.extend_from_slice(&target.pid.to_be_bytes());
+        pkt.extend_from_slice(&target.secret.to_be_bytes());
+        s.write_all(&pkt).await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "cancel request timed out",
+        )),
+    }
+}

@@ -1,0 +1,198 @@
+//! pgmux-proxy: the transaction-mode PostgreSQL proxy.
+//!
+//! Map:
+//! * [`protocol`] — framing with length checks, the few message encoders/decoders needed.
+//! * [`session`] — one task per client: startup, authentication, idle ⇄ linked loop.
+//! * [`pool`] — bounded per-(database, user) pools with a synchronous core and RAII checkout.
+//! * [`backend`] — server connections: connect, log in, protocol bookkeeping.
+//! * [`params`] — client session parameters re-applied on every server a client meets.
+//! * [`auth`] — server side of SCRAM-SHA-256 and MD5 for clients.
+//! * [`cancel`] — CancelRequest routing to the server serving a client *now*.
+//!
+//! [`Proxy`] ties them together: it owns the [`Shared`] state (config snapshot, pools,
+//! cancel registry, client count, shutdown signal) and the accept loop.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod params;
+pub mod pool;
+pub mod protocol;
+pub mod session;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use pgmux_config::{Config, Database};
+use rand::RngCore;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::ScramVerifier;
+use crate::cancel::CancelRegistry;
+use crate::pool::Pool;
+
+/// State shared by every session. Passed as `Arc<Shared>`; there are no globals.
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub pools: DashMap<(String, String), Arc<Pool>>,
+    pub cancel: Arc<CancelRegistry>,
+    pub clients: AtomicUsize,
+    pub shutdown: CancellationToken,
+    /// SCRAM verifiers derived once per (user, password), never per login.
+    verifiers: DashMap<String, (String, Arc<ScramVerifier>)>,
+    /// Key for the mock exchange of unknown users.
+    mock_secret: [u8; 32],
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        let mut mock_secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut mock_secret);
+        Arc::new(Shared {
+            config: ArcSwap::from_pointee(config),
+            pools: DashMap::new(),
+            cancel: Arc::new(CancelRegistry::default()),
+            clients: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+            verifiers: DashMap::new(),
+            mock_secret,
+        })
+    }
+
+    /// The pool for (database, user), created on first use.
+    pub fn pool_for(&self, cfg: &Config, db: &Database, user: &str) -> Arc<Pool> {
+        let key = (db.name.clone(), user.to_owned());
+        if let Some(p) = self.pools.get(&key) {
+            return p.clone();
+        }
+        self.pools
+            .entry(key)
+            .or_insert_with(|| {
+                let password = cfg.users.get(user).and_then(|u| u.password.clone());
+                Pool::new(
+                    db.name.clone(),
+                    user.to_owned(),
+                    db.primary.clone(),
+                    password,
+                    cfg.pool_size_for(&db.name, user),
+                    cfg.server_connect_timeout,
+                )
+            })
+            .clone()
+    }
+
+    /// The SCRAM verifier for a user's configured password, derived once.
+    pub fn verifier(&self, user: &str, password: &str) -> Arc<ScramVerifier> {
+        if let Some(e) = self.verifiers.get(user) {
+            if e.0 == password {
+                return e.1.clone();
+            }
+        }
+        let v = Arc::new(ScramVerifier::derive(password));
+        self.verifiers
+            .insert(user.to_owned(), (password.to_owned(), v.clone()));
+        v
+    }
+}
+
+/// The running proxy: listener plus sessions.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+}
+
+impl Proxy {
+    /// Binds the listen address (with SO_REUSEADDR and SO_REUSEPORT, so a new pgmux can
+    /// start on the same port while an old one drains).
+    pub async fn bind(config: Config) -> std::io::Result<Proxy> {
+        let addr = config.listen;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
+        Ok(Proxy {
+            shared: Shared::new(config),
+            listener,
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts clients until shutdown, then waits up to `shutdown_timeout` for sessions to
+    /// finish their transactions (idle ones are told 57P01 and closed at once).
+    pub async fn run(self) {
+        let shared = self.shared.clone();
+        let maintenance = tokio::spawn(maintenance(shared.clone()));
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        self.tracker.spawn(session::run(shared, stream, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(self.listener);
+        self.tracker.close();
+        let timeout = shared.config.load().shutdown_timeout;
+        tracing::info!(
+            clients = self.tracker.len(),
+            "draining: waiting for transactions to finish"
+        );
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                clients = self.tracker.len(),
+                "shutdown_timeout reached; closing remaining clients"
+            );
+        }
+        maintenance.abort();
+        for p in shared.pools.iter() {
+            p.close_idle();
+        }
+        // Let the Terminate messages go out.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Periodic pool upkeep: idle server reaping.
+async fn maintenance(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let idle_timeout = shared.config.load().server_idle_timeout;
+        if idle_timeout.is_zero() {
+            continue;
+        }
+        for p in shared.pools.iter() {
+            let n = p.reap_idle(idle_timeout);
+            if n > 0 {
+                tracing::debug!(db = %p.database, user = %p.user, closed = n, reason = "idle_timeout", "closed idle servers");
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Session parameters that follow the client, not the server.
+//!
+//! In transaction mode a client meets a different server connection every transaction.
+//! PostgreSQL reports some settings to the client (ParameterStatus); for those the client
+//! has a view pgmux must keep true. Every client carries its wanted values ([`ClientParams`]),
+//! every server the values it currently has ([`ServerParams`]); at checkout pgmux compares
+//! the two and sends one `SET …` batch for the differences. Parameters a client passed in
+//! its StartupMessage (or `options=-c k=v`) that PostgreSQL does not report are applied the
+//! same way and `RESET` when the next client does not want them.
+//!
+//! Values are sent as `E'…'` literals with `\` and `'` escaped, which PostgreSQL reads the
+//! same whatever `standard_conforming_strings` is; names are restricted to identifier
+//! characters. SQL is never built from unchecked client strings.
+
+use std::collections::BTreeMap;
+
+/// Reported parameters a client may change and pgmux keeps per client.
+pub const TRACKED: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "default_transaction_read_only",
+];
+
+/// The canonical spelling PostgreSQL reports for a GUC name (GUC names are case-insensitive).
+pub fn canonical_name(name: &str) -> String {
+    TRACKED
+        .iter()
+        .find(|t| t.eq_ignore_ascii_case(name))
+        .map(|t| (*t).to_owned())
+        .unwrap_or_else(|| name.to_ascii_lowercase())
+}
+
+fn tracked_index(name: &str) -> Option<usize> {
+    TRACKED.iter().position(|t| *t == name)
+}
+
+/// A GUC name safe to put into SQL unquoted.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+/// Settings that ride along on the startup packet and mean nothing to pgmux.
+pub fn is_protocol_key(name: &str) -> bool {
+    matches!(name, "user" | "database" | "options" | "replication")
+}
+
+/// Parses libpq's `options` (`-c name=value`, `--name=value`, backslash escapes spaces).
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                    in_word = true;
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let kv = if w == "-c" {
+            it.next()
+                .ok_or_else(|| "missing value after -c in options".to_owned())?
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_owned()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_owned()
+        } else {
+            return Err(format!(
+                "unsupported options entry \"{w}\": only -c name=value is supported"
+            ));
+        };
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("invalid options entry \"{kv}\": expected name=value"))?;
+        out.push((k.replace('-', "_"), v.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Values a client wants.
+#[derive(Debug, Clone, Default)]
+pub struct ClientParams {
+    tracked: [Option<String>; TRACKED.len()],
+    extras: BTreeMap<String, String>,
+}
+
+/// Values a server connection currently has.
+#[derive(Debug, Clone, Default)]
+pub struct ServerParams {
+    tracked: [Option<String>; TRACKED.len()],
+    extras: BTreeMap<String, String>,
+    /// Everything the server reported at login, for the client's login burst.
+    pub startup: Vec<(String, String)>,
+}
+
+impl ServerParams {
+    /// Records a ParameterStatus received from this server.
+    pub fn reported(&mut self, name: &str, value: &str) {
+        if let Some(i) = tracked_index(name) {
+            if self.tracked[i].as_deref() != Some(value) {
+                self.tracked[i] = Some(value.to_owned());
+            }
+        }
+    }
+
+    pub fn from_startup(startup: Vec<(String, String)>) -> Self {
+        let mut p = ServerParams {
+            startup: Vec::new(),
+            ..Default::default()
+        };
+        for (k, v) in &startup {
+            p.reported(k, v);
+        }
+        p.startup = startup;
+        p
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        tracked_index(name).and_then(|i| self.tracked[i].as_deref())
+    }
+}
+
+impl ClientParams {
+    /// Starts from the server defaults (what a direct connection would have reported) and
+    /// applies what the client asked for at startup.
+    pub fn new(defaults: &ServerParams, requested: &[(String, String)]) -> Result<Self, String> {
+        let mut p = ClientParams {
+            tracked: defaults.tracked.clone(),
+            extras: BTreeMap::new(),
+        };
+        for (k, v) in requested {
+            let name = canonical_name(k);
+            if !valid_name(&name) {
+                return Err(format!("invalid parameter name \"{k}\""));
+            }
+            if v.contains('\0') {
+                return Err(format!("invalid value for parameter \"{k}\""));
+            }
+            match tracked_index(&name) {
+                Some(i) => p.tracked[i] = Some(v.clone()),
+                None => {
+                    p.extras.insert(name, v.clone());
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// The client saw a ParameterStatus (it changed the setting itself).
+    pub fn reported(&mut self, name: &str, value: &str) {
+        if let Some(i) = tracked_index(name) {
+            if self.tracked[i].as_deref() != Some(value) {
+                self.tracked[i] = Some(value.to_owned());
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        tracked_index(name)
+            .and_then(|i| self.tracked[i].as_deref())
+            .or_else(|| self.extras.get(name).map(|s| s.as_str()))
+    }
+
+    /// The ParameterStatus list for this client's login: the server's report with the
+    /// client's own values substituted.
+    pub fn login_report<'a>(&'a self, server: &'a ServerParams) -> Vec<(&'a str, &'a str)> {
+        let mut out: Vec<(&str, &str)> = Vec::with_capacity(server.startup.len() + 2);
+        for (k, v) in &server.startup {
+            match tracked_index(k) {
+                Some(i) => out.push((k, self.tracked[i].as_deref().unwrap_or(v))),
+                None => out.push((k, v)),
+            }
+        }
+        for (i, name) in TRACKED.iter().enumerate() {
+            if let Some(v) = &self.tracked[i] {
+                if !out.iter().any(|(k, _)| k == name) {
+                    out.push((name, v));
+                }
+            }
+        }
+        out
+    }
+
+    /// The SQL that makes `server` match this client, or `None` when they already agree.
+    /// Cheap when nothing differs: a handful of string comparisons, no allocation.
+    pub fn sync_sql(&self, server: &ServerParams) -> Option<String> {
+        let tracked_differs = self
+            .tracked
+            .iter()
+            .zip(&server.tracked)
+            .any(|(c, s)| c.is_some() && c != s);
+        if !tracked_differs && self.extras == server.extras {
+            return None;
+        }
+        let mut sql = String::new();
+        for (i, name) in TRACKED.iter().enumerate() {
+            if let Some(v) = &self.tracked[i] {
+                if Some(v) != server.tracked[i].as_ref() {
+                    push_set(&mut sql, name, v);
+                }
+            }
+        }
+        for (k, v) in &self.extras {
+            if server.extras.get(k) != Some(v) {
+                push_set(&mut sql, k, v);
+            }
+        }
+        for k in server.extras.keys() {
+            if !self.extras.contains_key(k) {
+                sql.push_str("RESET ");
+                sql.push_str(k);
+                sql.push_str(";");
+            }
+        }
+        Some(sql)
+    }
+
+    /// After `sync_sql` ran successfully: the server now has the client's extras, and the
+    /// client adopts the server's spelling of tracked values (e.g. `DateStyle=iso` is
+    /// reported back as `ISO, MDY`). Returns the tracked values whose spelling changed, which
+    /// the client must be told about.
+    pub fn after_sync(&mut self, server: &mut ServerParams) -> Vec<(&'static str, String)> {
+        server.extras.clone_from(&self.extras);
+        let mut changed = Vec::new();
+        for (i, name) in TRACKED.iter().enumerate() {
+            if let (Some(c), Some(s)) = (&self.tracked[i], &server.tracked[i]) {
+                if c != s {
+                    changed.push((*name, s.clone()));
+                    self.tracked[i] = Some(s.clone());
+                }
+            }
+        }
+        changed
+    }
+}
+
+fn push_set(sql: &mut String, name: &str, value: &str) {
+    sql.push_str("SET ");
+    sql.push_str(name);
+    sql.push_str(" = E'");
+    for c in value.chars() {
+        match c {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            c => sql.push(c),
+        }
+    }
+    sql.push_str("';");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ServerParams {
+        ServerParams::from_startup(vec![
+            ("TimeZone".into(), "UTC".into()),
+            ("application_name".into(), "".into()),
+            ("server_version".into(), "15.1".into()),
+        ])
+    }
+
+    #[test]
+    fn nothing_to_do_when_equal() {
+        let s = server();
+        let c = ClientParams::new(&s, &[]).unwrap();
+        assert_eq!(c.sync_sql(&s), None);
+    }
+
+    #[test]
+    fn sets_differences_with_escaping() {
+        let s = server();
+        let c = ClientParams::new(
+            &s,
+            &[
+                ("timezone".into(), "Europe/Paris".into()),
+                ("application_name".into(), "o'reilly \\ x".into()),
+                ("work_mem".into(), "8MB".into()),
+            ],
+        )
+        .unwrap();
+        let sql = c.sync_sql(&s).unwrap();
+        assert!(
+            sql.contains("SET application_name = E'o''reilly \\\\ x';"),
+            "{sql}"
+        );
+        assert!(sql.contains("SET TimeZone = E'Europe/Paris';"));
+        assert!(sql.contains("SET work_mem = E'8MB';"));
+    }
+
+    #[test]
+    fn resets_extras_the_next_client_does_not_want() {
+        let mut s = server();
+        let mut a = ClientParams::new(&s, &[("work_mem".into(), "8MB".into())]).unwrap();
+        a.after_sync(&mut s);
+        let b = ClientParams::new(&server(), &[]).unwrap();
+        assert_eq!(b.sync_sql(&s).unwrap(), "RESET work_mem;");
+    }
+
+    #[test]
+    fn rejects_unsafe_names() {
+        let s = server();
+        assert!(ClientParams::new(&s, &[("x; drop table t".into(), "1".into())]).is_err());
+        assert!(valid_name("foo.bar_baz"));
+        assert!(!valid_name("1abc"));
+    }
+
+    #[test]
+    fn options_parsing() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --work-mem=4MB -csynchronous_commit=off").unwrap(),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("work_mem".into(), "4MB".into()),
+                ("synchronous_commit".into(), "off".into())
+            ]
+        );
+        assert_eq!(
+            parse_options("-c application_name=a\\ b").unwrap(),
+            vec![("application_name".into(), "a b".into())]
+        );
+        assert!(parse_options("-x").is_err());
+    }
+}

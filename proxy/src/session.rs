@@ -1,0 +1,875 @@
+//! One task per client connection.
+//!
+//! ```text
+//!   accept ─► startup (SSL/GSS 'N', cancel, StartupMessage) ─► auth ─► login burst
+//!                                                                        │
+//!          ┌───────────────────────── idle ◄──────────────────────────────┘
+//!          │  first message that needs a server: checkout (FIFO, bounded wait)
+//!          ▼
+//!        linked: sync client parameters, then forward both ways until the server owes no
+//!          │     ReadyForQuery, has no unsynced extended messages and reports 'I'
+//!          └──► server back to the pool ──► idle
+//! ```
+//!
+//! While linked, both directions are driven by one `select!` over four cancel-safe
+//! operations (read client, read server, write server, write client), each gated by a
+//! buffer limit, so neither side can stall the other and memory stays bounded. Client
+//! bytes are framed (lengths checked against `max_message_size` before anything is waited
+//! for); server bytes are scanned in place and only ReadyForQuery, ParameterStatus and
+//! ErrorResponse are looked into; everything else streams through without copying.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use pgmux_config::{AuthType, Config};
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::{self, ScramServer};
+use crate::backend::{BackendError, Server};
+use crate::cancel::Registration;
+use crate::params::{self, ClientParams};
+use crate::pool::{Pool, PoolError, PooledServer};
+use crate::protocol::frame::{
+    complete_frame_len, peek_header, split_frame, split_startup_packet, Frame,
+};
+use crate::protocol::messages::{self as msg, Severity};
+use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
+use crate::Shared;
+
+/// Stop reading from one side while this much is waiting to be written to the other.
+const OUT_LIMIT: usize = 256 * 1024;
+/// Largest authentication message accepted from a client (long enough for IAM tokens).
+const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+/// Largest server message pgmux buffers whole (ParameterStatus, ErrorResponse, ReadyForQuery).
+const MAX_INSPECTED_SERVER_MESSAGE: usize = 1 << 20;
+
+/// Why a session ended (logged; exported as a metric label by the admin surface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    ClientTerminate,
+    ClientClosed,
+    ClientProtocolError,
+    LoginFailed,
+    LoginTimeout,
+    TooManyClients,
+    ServerUnavailable,
+    ServerClosed,
+    WaitTimeout,
+    Shutdown,
+    CancelRequest,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientTerminate => "client_terminate",
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::ClientProtocolError => "client_protocol_error",
+            DisconnectReason::LoginFailed => "login_failed",
+            DisconnectReason::LoginTimeout => "login_timeout",
+            DisconnectReason::TooManyClients => "too_many_clients",
+            DisconnectReason::ServerUnavailable => "server_unavailable",
+            DisconnectReason::ServerClosed => "server_closed",
+            DisconnectReason::WaitTimeout => "query_wait_timeout",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::CancelRequest => "cancel_request",
+        }
+    }
+}
+
+/// The client socket with its buffers.
+struct Client {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Client {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends an ErrorResponse (plus whatever was queued) and, for FATAL, closes politely.
+    async fn fail(&mut self, severity: Severity, code: &str, message: &str) {
+        msg::error_response(&mut self.wbuf, severity, code, message);
+        let _ = self.flush().await;
+        if severity == Severity::Fatal {
+            let _ = self.stream.shutdown().await;
+        }
+    }
+
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(4096);
+        }
+        self.stream.read_buf(&mut self.rbuf).await
+    }
+
+    async fn read_frame(&mut self, max: usize) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            if let Some(f) = split_frame(&mut self.rbuf, max)? {
+                return Ok(Some(f));
+            }
+            if self.read_more().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Entry point for an accepted connection.
+pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let cfg = shared.config.load_full();
+    let mut client = Client {
+        stream,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+    };
+    let login =
+        tokio::time::timeout(cfg.client_login_timeout, login(&shared, &cfg, &mut client)).await;
+    let reason = match login {
+        Err(_) => {
+            client
+                .fail(
+                    Severity::Fatal,
+                    sqlstate::CONNECTION_EXCEPTION,
+                    "login timed out (client_login_timeout)",
+                )
+                .await;
+            DisconnectReason::LoginTimeout
+        }
+        Ok(Err(reason)) => reason,
+        Ok(Ok(session)) => {
+            let Login {
+                pool,
+                params,
+                registration,
+                user,
+                database,
+                _count,
+            } = session;
+            let mut s = Session {
+                shared: &shared,
+                cfg: &cfg,
+                pool,
+                client,
+                params,
+                registration,
+            };
+            let reason = s.serve().await;
+            tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
+            drop(_count);
+            return;
+        }
+    };
+    tracing::debug!(%peer, reason = reason.as_str(), "client connection closed during login");
+}
+
+/// A logged-in client, ready to serve.
+struct Login {
+    pool: Arc<Pool>,
+    params: ClientParams,
+    registration: Registration,
+    user: String,
+    database: String,
+    _count: ClientCount,
+}
+
+/// Counts the client against max_client_conn for as long as it lives.
+struct ClientCount(Arc<Shared>);
+
+impl ClientCount {
+    fn acquire(shared: &Arc<Shared>, max: usize) -> Option<ClientCount> {
+        let prev = shared.clients.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientCount(shared.clone()))
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn login(
+    shared: &Arc<Shared>,
+    cfg: &Arc<Config>,
+    client: &mut Client,
+) -> Result<Login, DisconnectReason> {
+    use DisconnectReason::*;
+    // --- startup packet(s)
+    let mut ssl_answered = false;
+    let mut gss_answered = false;
+    let (minor, startup) = loop {
+        let body = loop {
+            match split_startup_packet(&mut client.rbuf) {
+                Ok(Some(b)) => break b,
+                Ok(None) => {}
+                Err(e) => {
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &e.to_string(),
+                        )
+                        .await;
+                    return Err(ClientProtocolError);
+                }
+            }
+            match client.read_more().await {
+                Ok(0) | Err(_) => return Err(ClientClosed),
+                Ok(_) => {}
+            }
+        };
+        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST if body.len() == 4 => {
+                let answered = if code == SSL_REQUEST {
+                    &mut ssl_answered
+                } else {
+                    &mut gss_answered
+                };
+                if *answered || !client.rbuf.is_empty() {
+                    // Bytes sent before our answer could be injected plaintext: refuse.
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "unexpected data after encryption request",
+                        )
+                        .await;
+                    return Err(ClientProtocolError);
+                }
+                *answered = true;
+                if client.stream.write_all(b"N").await.is_err() {
+                    return Err(ClientClosed);
+                }
+            }
+            CANCEL_REQUEST if body.len() == 12 => {
+                let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                let secret = i32::from_be_bytes([body[8], body[9], body[10], body[11]]);
+                shared.cancel.cancel(pid, secret).await;
+                return Err(CancelRequest);
+            }
+            v if v >> 16 == 3 => match msg::parse_startup_params(&body[4..]) {
+                Ok(p) => break (v & 0xffff, p),
+                Err(e) => {
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &e.to_string(),
+                        )
+                        .await;
+                    return Err(ClientProtocolError);
+                }
+            },
+            v => {
+                let text = format!(
+                    "unsupported frontend protocol {}.{}: server supports 3.0 to 3.0",
+                    (v >> 16) & 0xffff,
+                    v & 0xffff
+                );
+                client
+                    .fail(Severity::Fatal, sqlstate::FEATURE_NOT_SUPPORTED, &text)
+                    .await;
+                return Err(ClientProtocolError);
+            }
+        }
+    };
+
+    // --- who and where
+    let mut user = None;
+    let mut database = None;
+    let mut requested = Vec::new();
+    let mut unknown_protocol_options = Vec::new();
+    for (k, v) in startup {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            "replication" if v != "false" && v != "off" && v != "0" => {
+                client
+                    .fail(
+                        Severity::Fatal,
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "replication connections are not supported through pgmux",
+                    )
+                    .await;
+                return Err(LoginFailed);
+            }
+            "replication" => {}
+            "options" => match params::parse_options(&v) {
+                Ok(list) => requested.extend(list),
+                Err(e) => {
+                    client
+                        .fail(Severity::Fatal, sqlstate::FEATURE_NOT_SUPPORTED, &e)
+                        .await;
+                    return Err(LoginFailed);
+                }
+            },
+            _ if k.starts_with("_pq_.") => unknown_protocol_options.push(k),
+            _ => requested.push((k, v)),
+        }
+    }
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        client
+            .fail(
+                Severity::Fatal,
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+            .await;
+        return Err(LoginFailed);
+    };
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+
+    let Some(count) = ClientCount::acquire(shared, cfg.max_client_conn) else {
+        client
+            .fail(
+                Severity::Fatal,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already",
+            )
+            .await;
+        return Err(TooManyClients);
+    };
+
+    if minor > 0 || !unknown_protocol_options.is_empty() {
+        msg::negotiate_protocol_version(&mut client.wbuf, 0, &unknown_protocol_options);
+    }
+
+    // --- authentication
+    if let Err(reason) = authenticate(shared, cfg, client, &user).await {
+        if reason == LoginFailed {
+            let text = format!("password authentication failed for user \"{user}\"");
+            client
+                .fail(Severity::Fatal, sqlstate::INVALID_PASSWORD, &text)
+                .await;
+            tracing::info!(%user, "password authentication failed");
+        }
+        return Err(reason);
+    }
+
+    // --- database and pool
+    let Some(db) = cfg.databases.get(&database) else {
+        let text = format!("database \"{database}\" does not exist");
+        client
+            .fail(Severity::Fatal, sqlstate::INVALID_CATALOG_NAME, &text)
+            .await;
+        return Err(LoginFailed);
+    };
+    let pool = shared.pool_for(cfg, db, &user);
+    let server_params = match pool.startup_params() {
+        Some(p) => p,
+        None => {
+            // First client of this pool: log a server in to learn what to report.
+            match pool.checkout(cfg.query_wait_timeout).await {
+                Ok(s) => drop(s),
+                Err(e) => {
+                    report_checkout_error(client, &e).await;
+                    return Err(ServerUnavailable);
+                }
+            }
+            pool.startup_params()
+                .expect("set by the first server login")
+        }
+    };
+    let params = match ClientParams::new(&server_params, &requested) {
+        Ok(p) => p,
+        Err(e) => {
+            client
+                .fail(Severity::Fatal, sqlstate::INVALID_PARAMETER_VALUE, &e)
+                .await;
+            return Err(LoginFailed);
+        }
+    };
+
+    // --- login burst
+    let registration = shared.cancel.register();
+    msg::auth_ok(&mut client.wbuf);
+    for (k, v) in params.login_report(&server_params) {
+        msg::parameter_status(&mut client.wbuf, k, v);
+    }
+    msg::backend_key_data(&mut client.wbuf, registration.pid, registration.secret);
+    msg::ready_for_query(&mut client.wbuf, b'I');
+    if client.flush().await.is_err() {
+        return Err(ClientClosed);
+    }
+    Ok(Login {
+        pool,
+        params,
+        registration,
+        user,
+        database,
+        _count: count,
+    })
+}
+
+/// Runs the configured authentication exchange. `Err(LoginFailed)` means wrong
+/// credentials (the caller reports 28P01); other reasons were reported already.
+async fn authenticate(
+    shared: &Arc<Shared>,
+    cfg: &Config,
+    client: &mut Client,
+    user: &str,
+) -> Result<(), DisconnectReason> {
+    use DisconnectReason::*;
+    let password = cfg.users.get(user).and_then(|u| u.password.as_ref());
+    match cfg.auth_type {
+        AuthType::Trust => Ok(()),
+        AuthType::Md5 => {
+            let mut salt = [0u8; 4];
+            rand::thread_rng().fill_bytes(&mut salt);
+            msg::auth_md5(&mut client.wbuf, salt);
+            client.flush().await.map_err(|_| ClientClosed)?;
+            let body = read_password_message(client).await?;
+            let (sent, _) = msg::cstr(&body).ok_or(LoginFailed)?;
+            match password {
+                Some(pw)
+                    if auth::constant_time_eq(
+                        sent,
+                        auth::md5_response(user, pw.expose(), salt).as_bytes(),
+                    ) =>
+                {
+                    Ok(())
+                }
+                _ => Err(LoginFailed),
+            }
+        }
+        AuthType::ScramSha256 => {
+            let verifier = match password {
+                Some(pw) => shared.verifier(user, pw.expose()),
+                None => Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret)),
+            };
+            msg::auth_sasl(&mut client.wbuf, &[auth::SCRAM_SHA_256]);
+            client.flush().await.map_err(|_| ClientClosed)?;
+            // SASLInitialResponse: mechanism\0, i32 length, data
+            let body = read_password_message(client).await?;
+            let (mechanism, rest) = msg::cstr(&body).ok_or(LoginFailed)?;
+            if mechanism != auth::SCRAM_SHA_256.as_bytes() {
+                client
+                    .fail(
+                        Severity::Fatal,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "client selected an invalid SASL authentication mechanism",
+                    )
+                    .await;
+                return Err(ClientProtocolError);
+            }
+            if rest.len() < 4 {
+                return Err(LoginFailed);
+            }
+            let data = &rest[4..];
+            let (exchange, server_first) = match ScramServer::start(&verifier, data) {
+                Ok(x) => x,
+                Err(e) => {
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::PROTOCOL_VIOLATION,
+                            &e.to_string(),
+                        )
+                        .await;
+                    return Err(ClientProtocolError);
+                }
+            };
+            msg::auth_sasl_continue(&mut client.wbuf, server_first.as_bytes());
+            client.flush().await.map_err(|_| ClientClosed)?;
+            let body = read_password_message(client).await?;
+            let server_final = exchange.finish(&body).map_err(|_| LoginFailed)?;
+            msg::auth_sasl_final(&mut client.wbuf, server_final.as_bytes());
+            Ok(())
+        }
+    }
+}
+
+async fn read_password_message(client: &mut Client) -> Result<BytesMut, DisconnectReason> {
+    match client.read_frame(MAX_AUTH_MESSAGE).await {
+        Ok(Some(f)) if f.tag == b'p' => Ok(f.body),
+        Ok(Some(f)) => {
+            let text = format!(
+                "expected password response, got message type {}",
+                f.tag as char
+            );
+            client
+                .fail(Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, &text)
+                .await;
+            Err(DisconnectReason::ClientProtocolError)
+        }
+        Ok(None) => Err(DisconnectReason::ClientClosed),
+        Err(ProtocolError::Io(_)) => Err(DisconnectReason::ClientClosed),
+        Err(e) => {
+            client
+                .fail(
+                    Severity::Fatal,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &e.to_string(),
+                )
+                .await;
+            Err(DisconnectReason::ClientProtocolError)
+        }
+    }
+}
+
+async fn report_checkout_error(client: &mut Client, e: &PoolError) {
+    match e {
+        PoolError::Connect(BackendError::Server { fields, .. }) => {
+            msg::error_response_from_fields(&mut client.wbuf, fields, Severity::Fatal);
+            let _ = client.flush().await;
+            let _ = client.stream.shutdown().await;
+        }
+        PoolError::WaitTimeout(_) => {
+            client
+                .fail(Severity::Fatal, sqlstate::QUERY_CANCELED, &e.to_string())
+                .await;
+        }
+        PoolError::Connect(e) => {
+            let text = format!("pgmux: {e}");
+            client
+                .fail(Severity::Fatal, sqlstate::CONNECTION_FAILURE, &text)
+                .await;
+        }
+    }
+}
+
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    cfg: &'a Arc<Config>,
+    pool: Arc<Pool>,
+    client: Client,
+    params: ClientParams,
+    registration: Registration,
+}
+
+/// Why forwarding stopped without the server being released normally.
+enum LinkEnd {
+    Released,
+    Ended(DisconnectReason),
+}
+
+impl Session<'_> {
+    async fn serve(&mut self) -> DisconnectReason {
+        let max = self.cfg.max_message_size;
+        loop {
+            // --- idle: wait for a message that needs a server
+            loop {
+                match complete_frame_len(&self.client.rbuf, max) {
+                    Ok(Some((tag, len))) => match tag {
+                        b'X' => return DisconnectReason::ClientTerminate,
+                        // Nothing to flush and no COPY in progress without a server.
+                        b'H' | b'd' | b'c' | b'f' => {
+                            self.client.rbuf.advance(len);
+                            continue;
+                        }
+                        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'F' => break,
+                        other => {
+                            let text = format!("invalid frontend message type {}", other);
+                            self.client
+                                .fail(Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, &text)
+                                .await;
+                            return DisconnectReason::ClientProtocolError;
+                        }
+                    },
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.client
+                            .fail(
+                                Severity::Fatal,
+                                sqlstate::PROTOCOL_VIOLATION,
+                                &e.to_string(),
+                            )
+                            .await;
+                        return DisconnectReason::ClientProtocolError;
+                    }
+                }
+                if self.client.flush().await.is_err() {
+                    return DisconnectReason::ClientClosed;
+                }
+                tokio::select! {
+                    biased;
+                    _ = self.shared.shutdown.cancelled() => {
+                        self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+                        return DisconnectReason::Shutdown;
+                    }
+                    r = self.client.read_more() => match r {
+                        Ok(0) | Err(_) => return DisconnectReason::ClientClosed,
+                        Ok(_) => {}
+                    }
+                }
+            }
+
+            // --- a server for this transaction
+            let server = match self.pool.checkout(self.cfg.query_wait_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    report_checkout_error(&mut self.client, &e).await;
+                    return match e {
+                        PoolError::WaitTimeout(_) => DisconnectReason::WaitTimeout,
+                        PoolError::Connect(_) => DisconnectReason::ServerUnavailable,
+                    };
+                }
+            };
+            match self.link(server).await {
+                LinkEnd::Released => {}
+                LinkEnd::Ended(reason) => return reason,
+            }
+        }
+    }
+
+    async fn link(&mut self, mut server: PooledServer) -> LinkEnd {
+        if let Some(sql) = self.params.sync_sql(&server.params) {
+            match server.simple_query(&sql).await {
+                Ok(None) => {
+                    for (k, v) in self.params.after_sync(&mut server.params) {
+                        msg::parameter_status(&mut self.client.wbuf, k, &v);
+                    }
+                }
+                Ok(Some(err)) => {
+                    msg::error_response_from_fields(&mut self.client.wbuf, &err, Severity::Fatal);
+                    let _ = self.client.flush().await;
+                    return LinkEnd::Ended(DisconnectReason::LoginFailed);
+                }
+                Err(_) => {
+                    server.dirty = true;
+                    self.client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::CONNECTION_FAILURE,
+                            "server closed the connection unexpectedly",
+                        )
+                        .await;
+                    return LinkEnd::Ended(DisconnectReason::ServerClosed);
+                }
+            }
+        }
+        self.registration.slot.link(&server.cancel);
+        let end = self.forward(&mut server).await;
+        self.registration.slot.unlink().await;
+        if matches!(end, LinkEnd::Released) {
+            server
+                .pool()
+                .stats
+                .transactions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        drop(server);
+        end
+    }
+
+    /// Forwards both ways until the server can be released or one side ends.
+    async fn forward(&mut self, server: &mut Server) -> LinkEnd {
+        let max = self.cfg.max_message_size;
+        let client = &mut self.client;
+        let params = &mut self.params;
+        let mut to_server = BytesMut::new();
+        let mut client_done = false;
+        loop {
+            // Client frames into the server's queue.
+            if !client_done && to_server.len() < OUT_LIMIT {
+                match pump_client(&mut client.rbuf, &mut to_server, server, max) {
+                    Ok(false) => {}
+                    Ok(true) => client_done = true, // Terminate: finish up, then end
+                    Err(e) => {
+                        // The server may have received part of this request: never reuse it.
+                        server.dirty = true;
+                        client
+                            .fail(
+                                Severity::Fatal,
+                                sqlstate::PROTOCOL_VIOLATION,
+                                &e.to_string(),
+                            )
+                            .await;
+                        return LinkEnd::Ended(DisconnectReason::ClientProtocolError);
+                    }
+                }
+            }
+            if to_server.is_empty() && server.buf.is_empty() {
+                if client_done {
+                    return LinkEnd::Ended(DisconnectReason::ClientTerminate);
+                }
+                if server.state() == crate::backend::ReturnState::Clean {
+                    return LinkEnd::Released;
+                }
+            }
+            enum Ev {
+                ClientRead(std::io::Result<usize>),
+                ServerRead(std::io::Result<usize>),
+                ServerWrite(std::io::Result<usize>),
+                ClientWrite(std::io::Result<usize>),
+            }
+            let ev = {
+                let (mut cr, mut cw) = client.stream.split();
+                let (mut sr, mut sw) = server.stream.split();
+                tokio::select! {
+                    r = cr.read_buf(&mut client.rbuf), if !client_done && client.rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT => Ev::ClientRead(r),
+                    r = sr.read_buf(&mut server.buf), if client.wbuf.len() < OUT_LIMIT => Ev::ServerRead(r),
+                    r = sw.write_buf(&mut to_server), if !to_server.is_empty() => Ev::ServerWrite(r),
+                    r = cw.write_buf(&mut client.wbuf), if !client.wbuf.is_empty() => Ev::ClientWrite(r),
+                }
+            };
+            match ev {
+                Ev::ClientRead(Ok(0) | Err(_)) => {
+                    return LinkEnd::Ended(DisconnectReason::ClientClosed)
+                }
+                Ev::ClientRead(Ok(_)) => {
+                    if client.rbuf.capacity() - client.rbuf.len() < 1024 {
+                        client.rbuf.reserve(8192);
+                    }
+                }
+                Ev::ServerRead(Ok(0) | Err(_)) | Ev::ServerWrite(Err(_)) => {
+                    server.dirty = true;
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::CONNECTION_FAILURE,
+                            "server closed the connection unexpectedly",
+                        )
+                        .await;
+                    return LinkEnd::Ended(DisconnectReason::ServerClosed);
+                }
+                Ev::ServerRead(Ok(_)) => {
+                    match scan_server(server, params) {
+                        Ok(n) => {
+                            let chunk = server.buf.split_to(n);
+                            if client.wbuf.is_empty() {
+                                client.wbuf = chunk;
+                            } else {
+                                client.wbuf.extend_from_slice(&chunk);
+                            }
+                        }
+                        Err(e) => {
+                            server.dirty = true;
+                            tracing::warn!(error = %e, "protocol error from server");
+                            client
+                                .fail(
+                                    Severity::Fatal,
+                                    sqlstate::CONNECTION_FAILURE,
+                                    "protocol error from server",
+                                )
+                                .await;
+                            return LinkEnd::Ended(DisconnectReason::ServerClosed);
+                        }
+                    }
+                    if server.buf.capacity() - server.buf.len() < 1024 {
+                        server.buf.reserve(8192);
+                    }
+                }
+                Ev::ServerWrite(Ok(_)) => {}
+                Ev::ClientWrite(Ok(_)) => {}
+                Ev::ClientWrite(Err(_)) => return LinkEnd::Ended(DisconnectReason::ClientClosed),
+            }
+        }
+    }
+}
+
+/// Moves complete client frames from `rbuf` to `out`, keeping the server's protocol
+/// bookkeeping. Returns `true` if the client sent Terminate (not forwarded).
+fn pump_client(
+    rbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    server: &mut Server,
+    max: usize,
+) -> Result<bool, ProtocolError> {
+    let mut n = 0;
+    let mut terminate = false;
+    while n < OUT_LIMIT {
+        let Some((tag, len)) = complete_frame_len(&rbuf[n..], max)? else {
+            break;
+        };
+        match tag {
+            b'Q' | b'S' | b'F' => {
+                server.outstanding += 1;
+                server.unsynced = false;
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => server.unsynced = true,
+            b'H' | b'd' | b'c' | b'f' => {}
+            b'X' => {
+                terminate = true;
+                break;
+            }
+            other => return Err(ProtocolError::UnexpectedMessage(other as char)),
+        }
+        n += len;
+    }
+    if n > 0 {
+        let chunk = rbuf.split_to(n);
+        if out.is_empty() {
+            *out = chunk;
+        } else {
+            out.extend_from_slice(&chunk);
+        }
+    }
+    Ok(terminate)
+}
+
+/// Scans server bytes in place; returns how many may go to the client now. Whole
+/// ReadyForQuery / ParameterStatus / ErrorResponse messages are inspected, everything else
+/// streams through (a large DataRow is forwarded as it arrives).
+fn scan_server(server: &mut Server, params: &mut ClientParams) -> Result<usize, ProtocolError> {
+    let buf = &server.buf[..];
+    let mut pos = 0;
+    loop {
+        if server.pending_body > 0 {
+            let take = server.pending_body.min(buf.len() - pos);
+            pos += take;
+            server.pending_body -= take;
+            if server.pending_body > 0 {
+                break;
+            }
+        }
+        let Some((tag, total)) = peek_header(&buf[pos..], i32::MAX as usize)? else {
+            break;
+        };
+        match tag {
+            b'Z' | b'S' | b'E' => {
+                if total > MAX_INSPECTED_SERVER_MESSAGE {
+                    return Err(ProtocolError::TooLarge {
+                        tag: tag as char,
+                        len: total,
+                        max: MAX_INSPECTED_SERVER_MESSAGE,
+                    });
+                }
+                if buf.len() - pos < total {
+                    break;
+                }
+                let body = &buf[pos + 5..pos + total];
+                match tag {
+                    b'Z' => {
+                        server.status = *body
+                            .first()
+                            .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
+                        server.outstanding = server.outstanding.saturating_sub(1);
+                    }
+                    b'S' => {
+                        let (k, v) = msg::parse_parameter_status(body)?;
+                        server.params.reported(k, v);
+                        params.reported(k, v);
+                    }
+                    _ => {}
+                }
+                pos += total;
+            }
+            _ => {
+                let avail = total.min(buf.len() - pos);
+                pos += avail;
+                server.pending_body = total - avail;
+            }
+        }
+    }
+    Ok(pos)
+}

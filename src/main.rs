@@ -1,0 +1,141 @@
+//! pgmux binary: command line, runtime, signals, and wiring of config + proxy.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgmux_config::{Config, Flags};
+
+/// A transaction-mode PostgreSQL connection pooler.
+///
+/// Configuration is layered, later wins: built-in defaults < TOML file (--config or
+/// PGMUX_CONFIG) < environment (DATABASE_URL, READ_DATABASE_URL, PGMUX_LISTEN,
+/// PGMUX_POOL_SIZE, PGMUX_MAX_CLIENT_CONN, PGMUX_AUTH_TYPE, PGMUX_QUERY_WAIT_TIMEOUT,
+/// PGMUX_SERVER_CONNECT_TIMEOUT, PGMUX_CLIENT_LOGIN_TIMEOUT, PGMUX_SHUTDOWN_TIMEOUT,
+/// PGMUX_SERVER_IDLE_TIMEOUT, PGMUX_MAX_MESSAGE_SIZE, PGMUX_WORKERS) < these flags.
+/// `DATABASE_URL=postgres://app:secret@db-host:5432/app pgmux` alone is a working setup.
+/// Log level: PGMUX_LOG (e.g. "info", "debug", "pgmux_proxy=trace"), default info.
+#[derive(Parser, Debug)]
+#[command(name = "pgmux", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// TOML configuration file (env: PGMUX_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to accept clients on, e.g. 0.0.0.0:6432 (env: PGMUX_LISTEN).
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Primary server, postgres://user:password@host:port/dbname (env: DATABASE_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Read replicas, comma-separated URLs (env: READ_DATABASE_URL).
+    #[arg(long, global = true, value_name = "URLS")]
+    read_database_url: Option<String>,
+    /// Server connections per (database, user) pool (env: PGMUX_POOL_SIZE, default 20).
+    #[arg(long, global = true, value_name = "N")]
+    pool_size: Option<String>,
+    /// Most client connections accepted at once (env: PGMUX_MAX_CLIENT_CONN, default 5000).
+    #[arg(long, global = true, value_name = "N")]
+    max_client_conn: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the configuration and print the effective result with secrets redacted.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = Flags {
+        config: cli.config.clone(),
+        listen: cli.listen.clone(),
+        database_url: cli.database_url.clone(),
+        read_database_url: cli.read_database_url.clone(),
+        pool_size: cli.pool_size.clone(),
+        max_client_conn: cli.max_client_conn.clone(),
+    };
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let config = match pgmux_config::load(&flags, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgmux: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        None => serve(config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGMUX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Every client and server connection is a file descriptor.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open files limit");
+    }
+    let workers = if config.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        config.workers
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgmux: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listen = config.listen;
+        let proxy = match pgmux_proxy::Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("pgmux: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shared = proxy.shared.clone();
+        tracing::info!(listen = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(), workers, "pgmux accepting connections");
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            shared.shutdown.cancel();
+            // A second signal means: stop now.
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        });
+        proxy.run().await;
+        tracing::info!("pgmux stopped");
+        ExitCode::SUCCESS
+    })
+}
