@@ -1,0 +1,1345 @@
+//! Shared support code for pgmux integration tests.
+//!
+//! Every integration test file does `mod support;` and uses a subset of this
+//! module, hence the blanket `dead_code` allowance.
+//!
+//! * [`PgCluster`] / [`PgNode`]: throwaway PostgreSQL clusters (a primary plus
+//!   optional streaming replicas). `initdb` runs once per machine/PG version;
+//!   the resulting template data directory is cached under the cargo target
+//!   dir and copied for every test.
+//! * [`Pgmux`]: the pgmux binary under test as a child process.
+//! * [`connect`]: tokio-postgres connect helper.
+//! * [`RawConn`]: a tiny blocking wire-protocol client for hostile-input tests.
+//!
+//! When the tests run as root (euid 0), every PostgreSQL server binary is run
+//! as the `postgres` OS user via `runuser`, because PostgreSQL refuses to run
+//! as root.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+/// OS user that runs the PostgreSQL server binaries when we are root.
+const PG_OS_USER: &str = "postgres";
+
+/// Settings appended to the template's postgresql.conf. Part of the template
+/// cache key, so editing them invalidates cached templates automatically.
+const POSTGRESQL_CONF: &str = "
+# --- pgmux test settings ---
+listen_addresses = '127.0.0.1'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+password_encryption = 'scram-sha-256'
+wal_level = replica
+max_wal_senders = 10
+hot_standby = on
+max_connections = 300
+shared_buffers = 32MB
+log_min_messages = warning
+";
+
+/// initdb options for the template (after `-D DIR`). Part of the cache key.
+const INITDB_ARGS: &[&str] = &[
+    "-A",
+    "trust",
+    "--auth-local=trust",
+    "-U",
+    "postgres",
+    "-N",
+    // 1 MB WAL segments keep the template (and every per-test copy of it)
+    // small.
+    "--wal-segsize=1",
+    "-E",
+    "UTF8",
+    "--locale=C",
+];
+
+/// The template's complete pg_hba.conf. Also part of the cache key.
+const PG_HBA_CONF: &str = "\
+local   all           all                     trust
+local   replication   all                     trust
+host    replication   all       127.0.0.1/32  trust
+host    all           postgres  127.0.0.1/32  trust
+host    all           all       127.0.0.1/32  scram-sha-256
+";
+
+/// Environment variables that would leak into PostgreSQL client tools
+/// (psql, pg_basebackup, pgbench) and change where/how they connect.
+const LIBPQ_ENV: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGOPTIONS",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGSSLMODE",
+    "PGREQUIRESSL",
+    "PGCONNECT_TIMEOUT",
+    "PGTARGETSESSIONATTRS",
+    "PGAPPNAME",
+    "PGDATA",
+];
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// A process-unique, monotonically increasing number (used for names).
+fn unique() -> u64 {
+    UNIQUE.fetch_add(1, Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------
+// Locating PostgreSQL and running its binaries
+// ---------------------------------------------------------------------------
+
+/// Directory holding the PostgreSQL server binaries (initdb, pg_ctl, ...).
+///
+/// Order: `$PG_BINDIR`, `pg_config --bindir`, newest `/usr/lib/postgresql/*/bin`.
+/// Panics (never skips) when nothing usable is found.
+pub fn pg_bindir() -> &'static Path {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(find_pg_bindir)
+}
+
+fn has_server_binaries(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|b| dir.join(b).is_file())
+}
+
+fn find_pg_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            has_server_binaries(&dir),
+            "PG_BINDIR={} does not contain initdb/pg_ctl/postgres",
+            dir.display()
+        );
+        return dir;
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_server_binaries(&dir) {
+                return dir;
+            }
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            has_server_binaries(&bin).then_some((version, bin))
+        })
+        .collect();
+    candidates.sort();
+    if let Some((_, dir)) = candidates.pop() {
+        return dir;
+    }
+    panic!(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found.\n\
+         Looked at $PG_BINDIR, `pg_config --bindir` and /usr/lib/postgresql/*/bin.\n\
+         Install them with `apt-get install -y postgresql` (Debian/Ubuntu), or point \
+         PG_BINDIR at the directory containing initdb."
+    );
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    pg_bindir().join(name)
+}
+
+/// A `Command` for a command line tool from the PostgreSQL bindir (psql,
+/// pgbench, ...), with libpq environment variables (PGHOST, PGPORT, ...)
+/// cleared so only explicit arguments/env decide where it connects.
+/// Client tools run as the current user (also when root).
+pub fn pg_tool(name: &str) -> Command {
+    let mut cmd = Command::new(pg_bin(name));
+    for var in LIBPQ_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn running_as_root() -> bool {
+    // Effective uid is the second field of the "Uid:" line.
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(|euid| euid == "0"))
+            .unwrap_or(false)
+    })
+}
+
+/// A command for a PostgreSQL *server* binary (initdb, pg_ctl,
+/// pg_basebackup): run as the `postgres` OS user when we are root.
+fn pg_server_cmd(name: &str) -> Command {
+    let mut cmd = if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", PG_OS_USER, "--"]).arg(pg_bin(name));
+        c
+    } else {
+        Command::new(pg_bin(name))
+    };
+    for var in LIBPQ_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd`, panicking with its output if it fails.
+fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: failed to spawn {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what}: {cmd:?} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Gives `path` (recursively) to the postgres OS user when we are root, and
+/// makes it traversable. No-op for non-root users.
+fn hand_to_postgres(path: &Path) {
+    if running_as_root() {
+        run_ok(
+            Command::new("chown")
+                .arg("-R")
+                .arg(format!("{PG_OS_USER}:"))
+                .arg(path),
+            "chown to postgres",
+        );
+    }
+}
+
+/// A temp dir under the system temp dir (short paths: unix socket paths are
+/// limited to ~107 bytes) that the postgres OS user can use.
+fn pg_tempdir(prefix: &str) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create temp dir");
+    set_mode(dir.path(), 0o755);
+    hand_to_postgres(dir.path());
+    dir
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {:o} {}: {e}", mode, path.display()));
+}
+
+/// Major version reported by `postgres --version`, e.g. "15".
+fn pg_major_version() -> String {
+    let out = run_ok(
+        Command::new(pg_bin("postgres")).arg("--version"),
+        "postgres --version",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 15.8 (Debian 15.8-0+deb12u1)"
+    let version = text
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("unexpected `postgres --version` output: {text}"));
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or(version)
+        .to_string()
+}
+
+/// A free TCP port on 127.0.0.1 (bind to port 0 and release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(b"\0") {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+// ---------------------------------------------------------------------------
+// Template data directory
+// ---------------------------------------------------------------------------
+
+/// The cached, initdb'ed template data directory (built on first use).
+fn template_dir() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(build_template)
+}
+
+fn build_template() -> PathBuf {
+    let version = pg_major_version();
+    let bindir = pg_bindir();
+    let key = fnv1a(&[
+        bindir.as_os_str().as_encoded_bytes(),
+        INITDB_ARGS.join(" ").as_bytes(),
+        POSTGRESQL_CONF.as_bytes(),
+        PG_HBA_CONF.as_bytes(),
+        &[u8::from(running_as_root())],
+    ]);
+    // CARGO_TARGET_TMPDIR = <target dir>/tmp, provided by cargo to
+    // integration tests.
+    let cache_root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    fs::create_dir_all(&cache_root).expect("create CARGO_TARGET_TMPDIR");
+    let final_dir = cache_root.join(format!("pgmux-test-template-{version}-{key:016x}"));
+    if final_dir.join("PG_VERSION").is_file() {
+        return final_dir;
+    }
+
+    // initdb in /tmp (the postgres user may not be able to traverse the
+    // target dir, e.g. under /root), then copy next to the final location
+    // and rename it into place. rename(2) of a directory onto an existing
+    // non-empty directory fails, so a concurrent builder that loses the race
+    // just discards its copy: the first complete template wins.
+    let work = pg_tempdir("pgmux-initdb-");
+    let data = work.path().join("data");
+    run_ok(
+        pg_server_cmd("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(INITDB_ARGS),
+        "initdb for the test template",
+    );
+    let conf = data.join("postgresql.conf");
+    let mut text = fs::read_to_string(&conf).expect("read postgresql.conf");
+    text.push_str(POSTGRESQL_CONF);
+    fs::write(&conf, text).expect("write postgresql.conf");
+    fs::write(data.join("pg_hba.conf"), PG_HBA_CONF).expect("write pg_hba.conf");
+
+    let staging = cache_root.join(format!(
+        ".pgmux-test-template-{version}-{key:016x}.building-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    run_ok(
+        Command::new("cp").arg("-a").arg(&data).arg(&staging),
+        "copy template into the target dir",
+    );
+    if let Err(e) = fs::rename(&staging, &final_dir) {
+        let _ = fs::remove_dir_all(&staging);
+        assert!(
+            final_dir.join("PG_VERSION").is_file(),
+            "could not move template {} to {}: {e}",
+            staging.display(),
+            final_dir.display()
+        );
+    }
+    final_dir
+}
+
+// ---------------------------------------------------------------------------
+// PgNode / PgCluster
+// ---------------------------------------------------------------------------
+
+/// One PostgreSQL server (primary or replica).
+pub struct PgNode {
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub log_file: PathBuf,
+    /// Owns the directory holding data_dir, socket_dir and the log file.
+    _dir: TempDir,
+}
+
+impl PgNode {
+    /// Creates a node around an existing data dir inside `dir` and starts it
+    /// on a free port (retrying with another port on failure, since another
+    /// test process may grab the same port between our probe and the bind).
+    fn launch(dir: TempDir) -> PgNode {
+        let socket_dir = dir.path().join("sock");
+        if !socket_dir.exists() {
+            fs::create_dir(&socket_dir).expect("create socket dir");
+            set_mode(&socket_dir, 0o755);
+            hand_to_postgres(&socket_dir);
+        }
+        let mut node = PgNode {
+            port: 0,
+            data_dir: dir.path().join("data"),
+            log_file: dir.path().join("postgres.log"),
+            socket_dir,
+            _dir: dir,
+        };
+        let mut last_err = String::new();
+        for _ in 0..8 {
+            node.port = free_port();
+            match node.try_start() {
+                Ok(()) => return node,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("could not start PostgreSQL: {last_err}");
+    }
+
+    fn try_start(&self) -> Result<(), String> {
+        let out = pg_server_cmd("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data_dir)
+            .arg("-o")
+            .arg(format!(
+                "-p {} -c unix_socket_directories={}",
+                self.port,
+                self.socket_dir.display()
+            ))
+            .arg("-l")
+            .arg(&self.log_file)
+            .arg("start")
+            .output()
+            .map_err(|e| format!("spawn pg_ctl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pg_ctl start (port {}) failed with {}\n{}{}\n--- server log ---\n{}",
+                self.port,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            ))
+        }
+    }
+
+    /// Starts the (stopped) server again on the same port.
+    pub fn start(&self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    fn pg_ctl_stop(&self, mode: &str) -> Output {
+        pg_server_cmd("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data_dir)
+            .args(["-m", mode, "stop"])
+            .output()
+            .expect("spawn pg_ctl stop")
+    }
+
+    /// `pg_ctl stop -m fast`; panics if that fails (e.g. already stopped).
+    pub fn stop(&self) {
+        let out = self.pg_ctl_stop("fast");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m fast failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl stop -m immediate` (crash-like); panics if that fails.
+    pub fn kill(&self) {
+        let out = self.pg_ctl_stop("immediate");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m immediate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// True if the postmaster is running (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        pg_server_cmd("pg_ctl")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs `sql` (may contain several statements, each its own transaction)
+    /// with psql as superuser `postgres` over the unix socket and returns the
+    /// trimmed, unaligned, tuples-only output. Panics with stderr on error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        match self.try_psql(db, sql) {
+            Ok(out) => out,
+            Err(e) => panic!("psql on port {} db {db} failed: {e}\nSQL: {sql}", self.port),
+        }
+    }
+
+    /// Like [`PgNode::psql`] but returns stderr as `Err` instead of panicking.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let mut child = pg_tool("psql")
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn psql");
+        child
+            .stdin
+            .take()
+            .expect("psql stdin")
+            .write_all(sql.as_bytes())
+            .expect("write SQL to psql");
+        let out = child.wait_with_output().expect("wait for psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// `postgres://user:password@127.0.0.1:PORT/db` (user, password and db
+    /// percent-encoded).
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        pg_url(self.port, user, password, db)
+    }
+
+    /// Number of client backends of `user` (from pg_stat_activity).
+    pub fn backend_count(&self, user: &str) -> i64 {
+        let out = self.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE usename = {} AND backend_type = 'client backend';",
+                quote_literal(user)
+            ),
+        );
+        out.parse()
+            .unwrap_or_else(|e| panic!("backend_count: bad psql output {out:?}: {e}"))
+    }
+
+    /// Current content of the server log.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// A WAL position on the primary that covers every transaction
+    /// committed so far. With synchronous_commit=off, commits (and other
+    /// WAL) may sit unflushed for a while, and replicas only receive flushed
+    /// WAL; so this runs a synchronous-commit transaction that writes WAL
+    /// (a temp table; a bare xid would commit asynchronously), which flushes
+    /// all earlier WAL, and returns `pg_current_wal_flush_lsn()`.
+    pub fn current_wal_lsn(&self) -> String {
+        let out = self.psql(
+            "postgres",
+            "SET synchronous_commit = on;\n\
+             CREATE TEMP TABLE pgmux_wal_flush_marker();\n\
+             SELECT pg_current_wal_flush_lsn();",
+        );
+        out.lines().last().unwrap_or_default().trim().to_string()
+    }
+
+    /// Waits (up to `timeout`) until this replica has replayed `lsn`.
+    pub fn wait_replayed(&self, lsn: &str, timeout: Duration) {
+        let sql = format!(
+            "SELECT pg_is_in_recovery() AND \
+             coalesce(pg_last_wal_replay_lsn() >= {}::pg_lsn, false);",
+            quote_literal(lsn)
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.try_psql("postgres", &sql).as_deref() == Ok("t") {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "replica on port {} did not replay {lsn} within {timeout:?}\n--- log ---\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A primary and any number of streaming replicas. Dropping it stops every
+/// node (`-m immediate`) and removes all directories, also on test panic.
+pub struct PgCluster {
+    primary: PgNode,
+    replicas: Vec<PgNode>,
+}
+
+impl PgCluster {
+    /// Starts a fresh primary from the cached template.
+    pub fn start() -> PgCluster {
+        let template = template_dir();
+        let dir = pg_tempdir("pgmux-pg-");
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(template)
+                .arg(dir.path().join("data")),
+            "copy template data dir",
+        );
+        // cp -a preserves ownership (postgres when we are root) and the 0700
+        // mode PostgreSQL insists on.
+        PgCluster {
+            primary: PgNode::launch(dir),
+            replicas: Vec::new(),
+        }
+    }
+
+    pub fn primary(&self) -> &PgNode {
+        &self.primary
+    }
+
+    pub fn replicas(&self) -> &[PgNode] {
+        &self.replicas
+    }
+
+    /// Adds a streaming replica (pg_basebackup -R -X stream over the
+    /// primary's unix socket), starts it on its own port and waits until it
+    /// is in recovery and has replayed the primary's current LSN.
+    pub fn add_replica(&mut self) -> &PgNode {
+        let dir = pg_tempdir("pgmux-pgr-");
+        run_ok(
+            pg_server_cmd("pg_basebackup")
+                .arg("-D")
+                .arg(dir.path().join("data"))
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-h"])
+                .arg(&self.primary.socket_dir)
+                .args(["-p", &self.primary.port.to_string(), "-U", "postgres"]),
+            "pg_basebackup",
+        );
+        let node = PgNode::launch(dir);
+        let lsn = self.primary.current_wal_lsn();
+        node.wait_replayed(&lsn, Duration::from_secs(60));
+        self.replicas.push(node);
+        self.replicas.last().expect("just pushed")
+    }
+
+    /// Waits until every replica has replayed the primary's current LSN
+    /// (call after writes on the primary that a test reads on replicas).
+    pub fn sync_replicas(&self) {
+        let lsn = self.primary.current_wal_lsn();
+        for r in &self.replicas {
+            r.wait_replayed(&lsn, Duration::from_secs(60));
+        }
+    }
+
+    /// Creates a LOGIN role with a SCRAM password and a database owned by
+    /// it. Returns (user, password, dbname); names are unique per call.
+    pub fn create_user_db(&self, prefix: &str) -> (String, String, String) {
+        let n = unique();
+        let base: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        let user = format!("{base}_u{n}");
+        let db = format!("{base}_db{n}");
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let password = format!(
+            "pw-{n}-{:08x}",
+            fnv1a(&[user.as_bytes(), &nanos.to_le_bytes()]) as u32
+        );
+        self.create_role(&user, &password);
+        self.create_database(&db, &user);
+        (user, password, db)
+    }
+
+    /// CREATE ROLE … LOGIN PASSWORD … (stored as SCRAM-SHA-256).
+    pub fn create_role(&self, name: &str, password: &str) {
+        self.primary.psql(
+            "postgres",
+            &format!(
+                "SET password_encryption = 'scram-sha-256';\n\
+                 CREATE ROLE {} LOGIN PASSWORD {};",
+                quote_ident(name),
+                quote_literal(password)
+            ),
+        );
+    }
+
+    /// CREATE DATABASE name OWNER owner.
+    pub fn create_database(&self, name: &str, owner: &str) {
+        self.primary.psql(
+            "postgres",
+            &format!(
+                "CREATE DATABASE {} OWNER {};",
+                quote_ident(name),
+                quote_ident(owner)
+            ),
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for node in self.replicas.iter().chain(std::iter::once(&self.primary)) {
+            if panicking {
+                eprintln!(
+                    "--- PostgreSQL log (port {}, last 30 lines) ---\n{}",
+                    node.port,
+                    tail(&node.log(), 30)
+                );
+            }
+            let _ = node.pg_ctl_stop("immediate");
+        }
+        // The TempDirs are removed when the fields drop.
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// SQL identifier quoting.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// SQL string literal quoting (standard_conforming_strings = on).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Percent-encodes everything except RFC 3986 unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `postgres://user:password@127.0.0.1:port/db`, percent-encoded.
+pub fn pg_url(port: u16, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "postgres://{}:{}@127.0.0.1:{port}/{}",
+        percent_encode(user),
+        percent_encode(password),
+        percent_encode(db)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Pgmux child process
+// ---------------------------------------------------------------------------
+
+/// The pgmux binary under test, running as a child process.
+pub struct Pgmux {
+    child: Child,
+    port: u16,
+    log_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl Pgmux {
+    /// Starts `pgmux` with `args` and `env`. PGMUX_*, DATABASE_URL and
+    /// READ_DATABASE_URL are not inherited from the test environment
+    /// (exception: `PGMUX_TEST_LOG=<filter>` is passed on as PGMUX_LOG, for
+    /// debugging). Adds `--listen 127.0.0.1:<free port>` unless `args`
+    /// contain `--listen` or `env` sets PGMUX_LISTEN. stdout+stderr go to a
+    /// log file. Waits up to 10 s for the port to accept TCP connections,
+    /// else panics with the log.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Pgmux {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmux-run-")
+            .tempdir()
+            .expect("create pgmux temp dir");
+        let log_file = dir.path().join("pgmux.log");
+        let log = fs::File::create(&log_file).expect("create pgmux log");
+
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmux"));
+        for (key, _) in std::env::vars_os() {
+            if let Some(k) = key.to_str() {
+                if k.starts_with("PGMUX_") || k == "DATABASE_URL" || k == "READ_DATABASE_URL" {
+                    cmd.env_remove(k);
+                }
+            }
+        }
+        if let Ok(filter) = std::env::var("PGMUX_TEST_LOG") {
+            cmd.env("PGMUX_LOG", filter);
+        }
+        cmd.env("RUST_BACKTRACE", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+
+        let listen = listen_value(args).or_else(|| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| *k == "PGMUX_LISTEN")
+                .map(|(_, v)| v.to_string())
+        });
+        let port = match listen {
+            Some(addr) => addr
+                .parse::<SocketAddr>()
+                .map(|a| a.port())
+                .or_else(|_| addr.rsplit(':').next().unwrap_or("").parse::<u16>())
+                .unwrap_or_else(|_| panic!("cannot find the port in listen address {addr:?}")),
+            None => {
+                let port = free_port();
+                cmd.arg("--listen").arg(format!("127.0.0.1:{port}"));
+                port
+            }
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut pgmux = Pgmux {
+            child,
+            port,
+            log_file,
+            _dir: dir,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if let Ok(Some(status)) = pgmux.child.try_wait() {
+                panic!(
+                    "pgmux exited during startup with {status}\nargs: {args:?}\n--- pgmux log ---\n{}",
+                    pgmux.log()
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return pgmux;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pgmux did not accept connections on {addr} within 10 s\nargs: {args:?}\n--- pgmux log ---\n{}",
+                    pgmux.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://user:password@127.0.0.1:<pgmux port>/db`.
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        pg_url(self.port, user, password, db)
+    }
+
+    /// Current content of pgmux's stdout+stderr log.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends signal number `sig` (e.g. 1 = SIGHUP, 2 = SIGINT, 15 = SIGTERM)
+    /// via the `kill` command.
+    pub fn signal(&self, sig: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("spawn kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Waits up to `timeout` for pgmux to exit; None if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait pgmux") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The value given to `--listen` (as `--listen X` or `--listen=X`).
+fn listen_value(args: &[&str]) -> Option<String> {
+    let mut it = args.iter();
+    let mut found = None;
+    while let Some(a) = it.next() {
+        if *a == "--listen" {
+            found = it.next().map(|v| v.to_string());
+        } else if let Some(v) = a.strip_prefix("--listen=") {
+            found = Some(v.to_string());
+        }
+    }
+    found
+}
+
+impl Drop for Pgmux {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- pgmux log (port {}, last 200 lines) ---\n{}",
+                self.port,
+                tail(&self.log(), 200)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tokio-postgres helpers
+// ---------------------------------------------------------------------------
+
+/// Connects with tokio-postgres (NoTls), spawns the connection task on the
+/// current tokio runtime and returns the client. Panics with context.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    match try_connect(url).await {
+        Ok(client) => client,
+        Err(e) => panic!("connect to {url} failed: {e} ({e:?})"),
+    }
+}
+
+/// Like [`connect`], but returns the error (for tests expecting failure).
+pub async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        // Errors surface to the client as closed-connection errors.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Raises the RLIMIT_NOFILE soft limit to the hard limit.
+pub fn raise_fd_limit() {
+    rlimit::increase_nofile_limit(u64::MAX).expect("raise RLIMIT_NOFILE");
+}
+
+// ---------------------------------------------------------------------------
+// RawConn: minimal blocking wire-protocol client
+// ---------------------------------------------------------------------------
+
+/// One backend message: (type byte, body without the length word).
+pub type Message = (u8, Vec<u8>);
+
+/// A raw PostgreSQL v3 protocol connection over a blocking TcpStream with a
+/// 10 s read timeout. Reads that time out panic (tests must not hang).
+pub struct RawConn {
+    stream: TcpStream,
+    startup_sent: bool,
+    /// (process id, secret key) from BackendKeyData, once logged in.
+    pub backend_key: Option<(i32, i32)>,
+}
+
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RawConn {
+    /// Connects to 127.0.0.1:`port`.
+    pub fn connect(port: u16) -> RawConn {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("RawConn: connect to 127.0.0.1:{port}: {e}"));
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .expect("set_read_timeout");
+        stream.set_nodelay(true).expect("set_nodelay");
+        RawConn {
+            stream,
+            startup_sent: false,
+            backend_key: None,
+        }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Writes raw bytes; panics on error (see [`RawConn::try_send`]).
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.try_send(bytes).expect("RawConn: send");
+    }
+
+    /// Writes raw bytes, returning the error (e.g. EPIPE after the peer
+    /// closed the connection).
+    pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Sends a v3 StartupMessage with `user`, `database` and `extra` params.
+    pub fn startup(&mut self, user: &str, db: &str, extra: &[(&str, &str)]) {
+        let mut params = vec![("user", user), ("database", db)];
+        params.extend_from_slice(extra);
+        let msg = Self::startup_message(&params);
+        self.send(&msg);
+        self.startup_sent = true;
+    }
+
+    /// Builds a v3 StartupMessage (protocol 3.0) from key/value params.
+    pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    /// A typed frontend message: tag, length (including itself), body.
+    pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(body.len() + 5);
+        msg.push(tag);
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(body);
+        msg
+    }
+
+    /// PasswordMessage ('p') carrying a cleartext password.
+    pub fn password_message(password: &str) -> Vec<u8> {
+        let mut body = password.as_bytes().to_vec();
+        body.push(0);
+        Self::frame(b'p', &body)
+    }
+
+    /// Simple Query ('Q') message.
+    pub fn query_message(sql: &str) -> Vec<u8> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        Self::frame(b'Q', &body)
+    }
+
+    /// Terminate ('X') message.
+    pub fn terminate_message() -> Vec<u8> {
+        Self::frame(b'X', &[])
+    }
+
+    /// Reads one backend message. None on EOF or connection reset; panics on
+    /// read timeout or other errors.
+    pub fn read_message(&mut self) -> Option<Message> {
+        match self.try_read_message() {
+            Ok(m) => m,
+            Err(e) => panic!("RawConn: read failed: {e}"),
+        }
+    }
+
+    fn try_read_message(&mut self) -> io::Result<Option<Message>> {
+        let mut header = [0u8; 5];
+        // Distinguish "EOF before a message" from a truncated message.
+        match self.stream.read(&mut header[..1]) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if is_reset(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        match self.stream.read_exact(&mut header[1..]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || is_reset(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if !(4..=(1 << 30)).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "bad message length {len} for tag {:?}",
+                    char::from(header[0])
+                ),
+            ));
+        }
+        let mut body = vec![0u8; len as usize - 4];
+        match self.stream.read_exact(&mut body) {
+            Ok(()) => Ok(Some((header[0], body))),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || is_reset(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads messages up to and including ReadyForQuery ('Z'). Panics if the
+    /// connection closes first (listing what was received).
+    pub fn read_until_ready(&mut self) -> Vec<Message> {
+        let mut msgs = Vec::new();
+        loop {
+            match self.read_message() {
+                Some(m) => {
+                    let done = m.0 == b'Z';
+                    msgs.push(m);
+                    if done {
+                        return msgs;
+                    }
+                }
+                None => panic!(
+                    "RawConn: connection closed before ReadyForQuery; got {}",
+                    describe(&msgs)
+                ),
+            }
+        }
+    }
+
+    /// Parses an ErrorResponse/NoticeResponse body into field code -> value
+    /// ('S' severity, 'C' SQLSTATE, 'M' message, ...).
+    pub fn error_fields(body: &[u8]) -> BTreeMap<char, String> {
+        let mut fields = BTreeMap::new();
+        let mut rest = body;
+        while let Some((&code, tail)) = rest.split_first() {
+            if code == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            fields.insert(
+                char::from(code),
+                String::from_utf8_lossy(&tail[..end]).into_owned(),
+            );
+            rest = tail.get(end + 1..).unwrap_or(&[]);
+        }
+        fields
+    }
+
+    /// True if the peer has closed the connection: drains (and discards)
+    /// pending messages until EOF. Returns false if the connection stays
+    /// open and silent for 3 s.
+    pub fn is_closed(&mut self) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("set_read_timeout");
+        let closed = loop {
+            match self.try_read_message() {
+                Ok(Some(_)) => continue,
+                Ok(None) => break true,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
+                // Garbage or other errors: treat as broken/closed.
+                Err(_) => break true,
+            }
+        };
+        let _ = self.stream.set_read_timeout(Some(READ_TIMEOUT));
+        closed
+    }
+
+    /// Half-closes the write side (client sends EOF).
+    pub fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Logs in with SCRAM-SHA-256 (MD5, cleartext and trust are handled too)
+    /// and reads through the first ReadyForQuery. If no StartupMessage was
+    /// sent yet, sends one with `database = user` (libpq's default).
+    /// Returns the messages after AuthenticationOk (ParameterStatus 'S',
+    /// BackendKeyData 'K', ..., ReadyForQuery 'Z'); stores the backend key.
+    /// Panics on an ErrorResponse.
+    pub fn scram_login(&mut self, user: &str, password: &str) -> Vec<Message> {
+        match self.try_scram_login(user, password) {
+            Ok(msgs) => msgs,
+            Err(fields) => panic!("RawConn: login as {user} failed: {fields:?}"),
+        }
+    }
+
+    /// Like [`RawConn::scram_login`], but returns the ErrorResponse fields
+    /// on failure (e.g. wrong password). Panics on protocol surprises.
+    pub fn try_scram_login(
+        &mut self,
+        user: &str,
+        password: &str,
+    ) -> Result<Vec<Message>, BTreeMap<char, String>> {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+
+        if !self.startup_sent {
+            self.startup(user, user, &[]);
+        }
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self
+                .read_message()
+                .unwrap_or_else(|| panic!("RawConn: connection closed during authentication"));
+            match tag {
+                b'E' => return Err(Self::error_fields(&body)),
+                b'R' => {}
+                b'N' => continue,
+                _ => panic!(
+                    "RawConn: unexpected message {:?} during authentication",
+                    char::from(tag)
+                ),
+            }
+            assert!(body.len() >= 4, "RawConn: short Authentication message");
+            let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            let data = &body[4..];
+            match code {
+                0 => break, // AuthenticationOk
+                3 => self.send(&Self::password_message(password)),
+                5 => {
+                    let salt: [u8; 4] = data[..4].try_into().expect("md5 salt");
+                    let hashed = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        password.as_bytes(),
+                        salt,
+                    );
+                    self.send(&Self::password_message(&hashed));
+                }
+                10 => {
+                    // AuthenticationSASL: NUL-terminated mechanism names.
+                    let mechs: Vec<&[u8]> =
+                        data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                    assert!(
+                        mechs.contains(&SCRAM_SHA_256.as_bytes()),
+                        "RawConn: server offers no SCRAM-SHA-256: {:?}",
+                        mechs
+                            .iter()
+                            .map(|m| String::from_utf8_lossy(m))
+                            .collect::<Vec<_>>()
+                    );
+                    let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let first = s.message();
+                    let mut b = SCRAM_SHA_256.as_bytes().to_vec();
+                    b.push(0);
+                    b.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                    b.extend_from_slice(first);
+                    self.send(&Self::frame(b'p', &b));
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().expect("SASLContinue before SASL");
+                    s.update(data).expect("RawConn: SCRAM server-first");
+                    let msg = Self::frame(b'p', s.message());
+                    self.send(&msg);
+                }
+                12 => {
+                    let mut s = scram.take().expect("SASLFinal before SASL");
+                    s.finish(data)
+                        .expect("RawConn: SCRAM server signature verification");
+                }
+                other => panic!("RawConn: unsupported authentication request {other}"),
+            }
+        }
+        let mut msgs = Vec::new();
+        loop {
+            let m = self.read_message().unwrap_or_else(|| {
+                panic!(
+                    "RawConn: closed after AuthenticationOk: {}",
+                    describe(&msgs)
+                )
+            });
+            match m.0 {
+                b'E' => return Err(Self::error_fields(&m.1)),
+                b'K' if m.1.len() >= 8 => {
+                    let b = &m.1;
+                    self.backend_key = Some((
+                        i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                        i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+                    ));
+                }
+                _ => {}
+            }
+            let done = m.0 == b'Z';
+            msgs.push(m);
+            if done {
+                return Ok(msgs);
+            }
+        }
+    }
+
+    /// startup + scram_login in one call, for a specific database.
+    pub fn login(port: u16, user: &str, password: &str, db: &str) -> RawConn {
+        let mut conn = RawConn::connect(port);
+        conn.startup(user, db, &[]);
+        conn.scram_login(user, password);
+        conn
+    }
+
+    /// Sends a simple query and reads through ReadyForQuery.
+    pub fn simple_query(&mut self, sql: &str) -> Vec<Message> {
+        self.send(&Self::query_message(sql));
+        self.read_until_ready()
+    }
+
+    /// Sends a CancelRequest for `key` to 127.0.0.1:`port` on a new
+    /// connection.
+    pub fn cancel(port: u16, key: (i32, i32)) {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect for CancelRequest");
+        let mut msg = 16i32.to_be_bytes().to_vec();
+        msg.extend_from_slice(&80_877_102i32.to_be_bytes());
+        msg.extend_from_slice(&key.0.to_be_bytes());
+        msg.extend_from_slice(&key.1.to_be_bytes());
+        s.write_all(&msg).expect("send CancelRequest");
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Short human-readable summary of messages, for panic messages.
+pub fn describe(msgs: &[Message]) -> String {
+    let parts: Vec<String> = msgs
+        .iter()
+        .map(|(tag, body)| {
+            if *tag == b'E' || *tag == b'N' {
+                format!("{}{:?}", char::from(*tag), RawConn::error_fields(body))
+            } else {
+                format!("{}({} bytes)", char::from(*tag), body.len())
+            }
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
