@@ -767,3 +767,105 @@ async fn sigterm_tells_idle_clients_57p01_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     assert_eq!(env.cluster.primary().backend_count(&env.user), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_login_with_md5_cleartext_and_a_unix_socket() {
+    let env = env();
+    let node = env.cluster.primary();
+    // Roles whose pg_hba lines ask pgmux for MD5 and for a cleartext password.
+    node.psql(
+        "postgres",
+        "set password_encryption = 'md5'; create role md5user login password 'md5-pw'; create role pwuser login password 'clear-pw'",
+    );
+    node.psql(
+        "postgres",
+        &format!("grant all on database \"{}\" to md5user, pwuser", env.db),
+    );
+    let hba = node.data_dir.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all md5user 127.0.0.1/32 md5\nhost all pwuser 127.0.0.1/32 password\nlocal all {} scram-sha-256\n{old}", env.user),
+    )
+    .unwrap();
+    node.psql("postgres", "select pg_reload_conf()");
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            r#"
+[databases.md5db]
+url = "postgres://md5user:md5-pw@127.0.0.1:{port}/{db}"
+[databases.pwdb]
+url = "postgres://pwuser:clear-pw@127.0.0.1:{port}/{db}"
+[databases.sockdb]
+url = "postgres://{user}:{pw}@{sock}:{port}/{db}"
+"#,
+            port = node.port,
+            db = env.db,
+            user = env.user,
+            pw = env.password,
+            sock = support::percent_encode(&node.socket_dir.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let px = Pgmux::start(&["--config", config.path().to_str().unwrap()], &[]);
+    for (user, pw, db, method) in [
+        ("md5user", "md5-pw", "md5db", "md5"),
+        ("pwuser", "clear-pw", "pwdb", "password"),
+        (
+            env.user.as_str(),
+            env.password.as_str(),
+            "sockdb",
+            "scram-sha-256",
+        ),
+    ] {
+        let c = connect(&px.url(user, pw, db)).await;
+        let r = c
+            .query_typed("select current_user::text, current_database()::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(r[0].get::<_, String>(0), user, "{method}");
+        assert_eq!(r[0].get::<_, String>(1), env.db, "{method}");
+    }
+    let log = node.log();
+    assert!(!log.contains("authentication failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_options_apply_per_client_and_are_reset_for_others() {
+    let env = env();
+    let px = env.pgmux(&["--pool-size", "1"]);
+    let mut a = RawConn::connect(px.port());
+    a.startup(
+        &env.user,
+        &env.db,
+        &[("options", "-c work_mem=7MB -c statement_timeout=12345")],
+    );
+    a.scram_login(&env.user, &env.password);
+    let b = connect(&env.url(&px)).await;
+    for _ in 0..3 {
+        let row = data_row(&a.simple_query(
+            "select current_setting('work_mem'), current_setting('statement_timeout'), pg_backend_pid()",
+        ));
+        assert_eq!(row[0], "7MB");
+        assert_eq!(row[1], "12345ms");
+        let r = b
+            .query_typed("select current_setting('work_mem'), current_setting('statement_timeout'), pg_backend_pid()", &[])
+            .await
+            .unwrap();
+        assert_eq!(r[0].get::<_, i32>(2).to_string(), row[2], "pool of one");
+        assert_eq!(r[0].get::<_, String>(0), "4MB");
+        assert_eq!(r[0].get::<_, String>(1), "0");
+    }
+    // A bad value is the client's error, reported like PostgreSQL would.
+    let mut c = RawConn::connect(px.port());
+    c.startup(&env.user, &env.db, &[("options", "-c work_mem=lots")]);
+    c.scram_login(&env.user, &env.password);
+    c.send(&RawConn::query_message("select 1"));
+    let (tag, body) = c.read_message().unwrap();
+    assert_eq!(tag, b'E');
+    assert_eq!(RawConn::error_fields(&body)[&'C'], "22023");
+    // The shared server is fine afterwards.
+    b.simple_query("select 1").await.unwrap();
+}
