@@ -602,10 +602,9 @@ async fn authentication_errors_use_postgres_sqlstates() {
     let env = env();
     let px = env.pgmux(&[]);
     let bad = px.url(&env.user, "wrong-password", &env.db);
-    let err = try_connect(&bad)
-        .await
-        .err()
-        .expect("wrong password must fail");
+    let Err(err) = try_connect(&bad).await else {
+        panic!("wrong password must fail")
+    };
     assert_eq!(code(&err), Some(&SqlState::INVALID_PASSWORD), "{err}");
     assert!(
         message(&err).contains("password authentication failed"),
@@ -658,10 +657,9 @@ async fn max_client_conn_answers_53300_and_frees_the_slot() {
     for _ in 0..3 {
         held.push(connect(&url).await);
     }
-    let err = try_connect(&url)
-        .await
-        .err()
-        .expect("4th client must be refused");
+    let Err(err) = try_connect(&url).await else {
+        panic!("4th client must be refused")
+    };
     assert_eq!(code(&err), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;

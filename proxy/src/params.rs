@@ -237,7 +237,7 @@ impl ClientParams {
             if !self.extras.contains_key(k) {
                 sql.push_str("RESET ");
                 sql.push_str(k);
-                sql.push_str(";");
+                sql.push(';');
             }
         }
         Some(sql)

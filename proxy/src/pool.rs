@@ -36,12 +36,14 @@ pub enum PoolError {
 }
 
 enum Handoff {
-    Server(Server),
+    Server(Box<Server>),
     Slot,
 }
 
 struct Inner {
-    idle: Vec<Server>,
+    // Boxed so a server moves between idle list, waiters and guards as one pointer.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Server>>,
     /// Servers that exist or are being opened (idle + checked out + connecting).
     total: usize,
     waiters: VecDeque<oneshot::Sender<Handoff>>,
@@ -139,7 +141,7 @@ impl Pool {
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         loop {
             enum Next {
-                Ready(Server),
+                Ready(Box<Server>),
                 Connect,
                 Wait(oneshot::Receiver<Handoff>),
             }
@@ -186,7 +188,7 @@ impl Pool {
                     return Ok(PooledServer::new(self.clone(), s));
                 }
                 Handoff::Slot => {
-                    let s = self.open().await?;
+                    let s = Box::new(self.open().await?);
                     self.record_wait(start);
                     return Ok(PooledServer::new(self.clone(), s));
                 }
@@ -238,7 +240,7 @@ impl Pool {
     }
 
     /// Returns a clean server: to the first live waiter, else onto the idle stack.
-    fn checkin(&self, mut server: Server) {
+    fn checkin(&self, mut server: Box<Server>) {
         server.last_used = Instant::now();
         let mut g = self.lock();
         while let Some(w) = g.waiters.pop_front() {
@@ -259,14 +261,14 @@ impl Pool {
     }
 
     /// Closes a server now and frees its slot.
-    fn close(&self, server: Server) {
+    fn close(&self, server: Box<Server>) {
         self.stats.servers_closed.fetch_add(1, Ordering::Relaxed);
         drop(server);
         self.release_slot();
     }
 
     /// Takes a server back from a client, whatever state it is in.
-    fn give_back(self: &Arc<Self>, server: Server) {
+    fn give_back(self: &Arc<Self>, server: Box<Server>) {
         match server.state() {
             ReturnState::Clean => self.checkin(server),
             ReturnState::Broken => self.close(server),
@@ -367,11 +369,11 @@ fn spawn_or_drop<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
 /// the server's protocol state whether to reuse, roll back or close it.
 pub struct PooledServer {
     pool: Arc<Pool>,
-    server: Option<Server>,
+    server: Option<Box<Server>>,
 }
 
 impl PooledServer {
-    fn new(pool: Arc<Pool>, server: Server) -> Self {
+    fn new(pool: Arc<Pool>, server: Box<Server>) -> Self {
         PooledServer {
             pool,
             server: Some(server),
