@@ -253,7 +253,8 @@ run_one() { # target port pid clients
     log "pgbench $target: -c $clients -T $t"
     before=0
     if [ -n "$pid" ]; then before="$(cpu_ticks "$pid")"; fi
-    if ! out="$("$PG_BIN/pgbench" -n -S -T "$t" -c "$clients" -j 2 -M simple \
+    # A pooler that stops answering must not hang the whole run.
+    if ! out="$(timeout --signal=KILL $((t * 2 + 60)) "$PG_BIN/pgbench" -n -S -T "$t" -c "$clients" -j 2 -M simple \
         -h 127.0.0.1 -p "$port" -U bench bench 2>&1)"; then
         echo "pgbench against $target failed:" >&2
         echo "$out" | tail -n 5 | sed 's/^/    /' >&2

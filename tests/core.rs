@@ -373,7 +373,7 @@ async fn copy_in_and_out_through_the_pool() {
     use futures::{SinkExt, StreamExt};
     let env = env();
     env.setup("create table items(id int, name text)");
-    let px = env.pgmux(&["--pool-size", "2"]);
+    let px = env.pgmux(&["--pool-size", "1"]);
     let c = connect(&env.url(&px)).await;
     let sink = c.copy_in("copy items from stdin").await.unwrap();
     futures::pin_mut!(sink);
@@ -388,6 +388,9 @@ async fn copy_in_and_out_through_the_pool() {
     }
     let n = sink.finish().await.unwrap();
     assert_eq!(n, 5000);
+    // The only server went back to the pool after the COPY: another client gets it.
+    let other = connect(&env.url(&px)).await;
+    other.simple_query("select 1").await.unwrap();
     assert_eq!(
         env.psql("select count(*), sum(id) from items"),
         "5000|12497500"

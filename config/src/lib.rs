@@ -88,6 +88,9 @@ pub struct Config {
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
     pub workers: usize,
+    /// Named prepared statements kept per server connection (LRU); default 500,
+    /// 0 disables statement tracking (named statements then pass through untouched).
+    pub max_prepared_statements: usize,
     /// Key = the database name clients ask for.
     pub databases: BTreeMap<String, Database>,
     /// Key = user name.
@@ -291,6 +294,7 @@ impl Default for Config {
             server_idle_timeout: Duration::from_secs(600),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
+            max_prepared_statements: 500,
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -328,6 +332,7 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_SERVER_IDLE_TIMEOUT", "server_idle_timeout"),
     ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
     ("PGMUX_WORKERS", "workers"),
+    ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),
 ];
 
 /// One database as seen by the layering stage.

@@ -82,6 +82,10 @@ pub(crate) fn redacted_toml(c: &Config) -> String {
     );
     root.insert("max_message_size".into(), size(c.max_message_size));
     root.insert("workers".into(), int(c.workers));
+    root.insert(
+        "max_prepared_statements".into(),
+        int(c.max_prepared_statements),
+    );
 
     let mut dbs = Table::new();
     for (name, db) in &c.databases {

@@ -69,6 +69,7 @@ pub(crate) struct Scalars {
     server_idle_timeout: Option<Sourced<Duration>>,
     max_message_size: Option<Sourced<usize>>,
     workers: Option<Sourced<usize>>,
+    max_prepared_statements: Option<Sourced<usize>>,
 }
 
 /// All top-level scalar key names.
@@ -84,6 +85,7 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "server_idle_timeout",
     "max_message_size",
     "workers",
+    "max_prepared_statements",
 ];
 
 impl Scalars {
@@ -110,6 +112,9 @@ impl Scalars {
             "max_client_conn" => self.max_client_conn = wrap(parse_usize(raw), key, &origin)?,
             "pool_size" => self.pool_size = wrap(parse_usize(raw), key, &origin)?,
             "workers" => self.workers = wrap(parse_usize(raw), key, &origin)?,
+            "max_prepared_statements" => {
+                self.max_prepared_statements = wrap(parse_usize(raw), key, &origin)?
+            }
             "max_message_size" => self.max_message_size = wrap(parse_size(raw), key, &origin)?,
             "auth_type" => {
                 let v = match raw {
@@ -184,6 +189,9 @@ impl Scalars {
         }
         if let Some(v) = self.workers {
             c.workers = v.value;
+        }
+        if let Some(v) = self.max_prepared_statements {
+            c.max_prepared_statements = v.value;
         }
         Ok(c)
     }

@@ -2,11 +2,13 @@
 //! session and the pool share.
 //!
 //! A [`Server`] carries its own read buffer and the protocol bookkeeping that decides whether
-//! it may go back to the pool: how many ReadyForQuery messages are still owed
-//! (`outstanding`), whether extended-protocol messages were sent without a Sync yet
-//! (`unsynced`), the last transaction status, and whether its byte stream may be corrupt
-//! (`dirty`). [`Server::state`] turns that into one answer the pool acts on.
+//! it may go back to the pool: the queue of responses still owed for what was sent
+//! (`expect`, one [`Expect`] per message, in order), whether extended-protocol messages
+//! were sent without a Sync yet (`unsynced`), the last transaction status, and whether its
+//! byte stream may be corrupt (`dirty`). [`Server::state`] turns that into one answer the
+//! pool acts on. It also knows which named statements the backend has prepared.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,13 +16,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pgmux_config::{Secret, ServerAddr};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::params::ServerParams;
+use crate::prepared::ServerStatements;
 use crate::protocol::frame::split_frame;
 use crate::protocol::messages::{self, ErrorFields};
 use crate::protocol::{ProtocolError, CANCEL_REQUEST, PROTOCOL_V3};
@@ -208,6 +211,56 @@ pub enum ReturnState {
     Broken,
 }
 
+/// What the server owes for one message pgmux sent it (or a response pgmux makes itself),
+/// kept in send order. A server is released only when nothing is owed.
+#[derive(Debug)]
+pub enum Expect {
+    /// ParseComplete. `swallow`: pgmux injected this Parse and the client must not see the
+    /// answer. `stmt`: the statement id and, for a client's own Parse, the client's name
+    /// (undone if the Parse fails).
+    Parse {
+        swallow: bool,
+        stmt: Option<(u64, Option<String>)>,
+    },
+    /// BindComplete, for a Bind of statement `stmt` (None: unnamed).
+    Bind { stmt: Option<u64> },
+    /// RowDescription or NoData (after ParameterDescription for a statement).
+    Describe,
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// CloseComplete; `swallow` and `stmt` for a Close pgmux injected (eviction).
+    Close { swallow: bool, stmt: Option<u64> },
+    /// ReadyForQuery for a Sync.
+    Sync,
+    /// Everything up to ReadyForQuery for a simple Query.
+    Query,
+    /// Everything up to ReadyForQuery for a FunctionCall.
+    Function,
+    /// A response pgmux makes itself (CloseComplete for a Close it answers, ParseComplete
+    /// for a statement the server already has, an error); released to the client when
+    /// everything before it has arrived.
+    Synthetic { bytes: Bytes, undo: Undo },
+}
+
+/// What to take back in the client's statement names if a synthetic response is discarded
+/// because the backend skipped to Sync after an earlier error (PostgreSQL would not have
+/// processed that message either).
+#[derive(Debug)]
+pub enum Undo {
+    Nothing,
+    /// The client's Parse of this name was answered by pgmux: forget the name again.
+    Forget(String, u64),
+    /// The client's Close of this name was answered by pgmux: restore the name.
+    Restore(String, std::sync::Arc<crate::prepared::Statement>),
+}
+
+impl Expect {
+    /// Whether this entry is closed by a ReadyForQuery.
+    pub fn ends_at_ready(&self) -> bool {
+        matches!(self, Expect::Sync | Expect::Query | Expect::Function)
+    }
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Server {
@@ -219,8 +272,14 @@ pub struct Server {
     pub cancel: CancelTarget,
     pub created: Instant,
     pub last_used: Instant,
-    /// ReadyForQuery messages still owed (one per Query, Sync, FunctionCall sent).
-    pub outstanding: u32,
+    /// Responses still owed, in order.
+    pub expect: VecDeque<Expect>,
+    /// After an extended-protocol error the backend ignores everything up to Sync.
+    pub skipping: bool,
+    /// In COPY FROM STDIN: the backend ignores Sync and Flush until CopyDone/CopyFail.
+    pub copy_in: bool,
+    /// Named statements this backend has prepared.
+    pub statements: ServerStatements,
     /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
     /// Transaction status from the last ReadyForQuery: b'I', b'T' or b'E'.
@@ -235,7 +294,7 @@ impl Server {
     pub fn state(&self) -> ReturnState {
         if self.dirty {
             ReturnState::Broken
-        } else if self.outstanding > 0 || self.unsynced || self.pending_body > 0 {
+        } else if !self.expect.is_empty() || self.unsynced || self.pending_body > 0 {
             ReturnState::Busy
         } else if !self.buf.is_empty() {
             ReturnState::Broken
@@ -342,7 +401,10 @@ async fn login(
         },
         created: Instant::now(),
         last_used: Instant::now(),
-        outstanding: 0,
+        expect: VecDeque::new(),
+        skipping: false,
+        copy_in: false,
+        statements: ServerStatements::default(),
         unsynced: false,
         status: b'I',
         dirty: false,

@@ -8,6 +8,8 @@
 //! * [`params`] — client session parameters re-applied on every server a client meets.
 //! * [`auth`] — server side of SCRAM-SHA-256 and MD5 for clients.
 //! * [`cancel`] — CancelRequest routing to the server serving a client *now*.
+//! * [`relay`] — per-message bookkeeping while linked (response queue, statement rewriting).
+//! * [`prepared`] — named prepared statements that follow clients across servers.
 //!
 //! [`Proxy`] ties them together: it owns the [`Shared`] state (config snapshot, pools,
 //! cancel registry, client count, shutdown signal) and the accept loop.
@@ -17,7 +19,9 @@ pub mod backend;
 pub mod cancel;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
+pub mod relay;
 pub mod session;
 
 use std::sync::atomic::AtomicUsize;
@@ -41,6 +45,8 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub pools: DashMap<(String, String), Arc<Pool>>,
     pub cancel: Arc<CancelRegistry>,
+    /// Named prepared statements by text, shared by all clients and servers.
+    pub statements: prepared::Registry,
     pub clients: AtomicUsize,
     pub shutdown: CancellationToken,
     /// SCRAM verifiers derived once per (user, password), never per login.
@@ -57,6 +63,7 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             pools: DashMap::new(),
             cancel: Arc::new(CancelRegistry::default()),
+            statements: prepared::Registry::default(),
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             verifiers: DashMap::new(),

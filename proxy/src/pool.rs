@@ -59,6 +59,12 @@ pub struct PoolStats {
     pub servers_closed: AtomicU64,
     pub connect_errors: AtomicU64,
     pub wait_timeouts: AtomicU64,
+    /// Named statements prepared on a server of this pool (Parse sent, client's or injected).
+    pub statements_prepared: AtomicU64,
+    /// Client Parse/Bind/Describe of a named statement the server already had.
+    pub statement_cache_hits: AtomicU64,
+    /// Statements closed to keep a server within max_prepared_statements.
+    pub statement_evictions: AtomicU64,
 }
 
 pub struct Pool {

@@ -15,8 +15,8 @@
 //! operations (read client, read server, write server, write client), each gated by a
 //! buffer limit, so neither side can stall the other and memory stays bounded. Client
 //! bytes are framed (lengths checked against `max_message_size` before anything is waited
-//! for); server bytes are scanned in place and only ReadyForQuery, ParameterStatus and
-//! ErrorResponse are looked into; everything else streams through without copying.
+//! for); what each message means for the server's state, and the rewriting of named
+//! prepared statements, is in [`crate::relay`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -33,19 +33,15 @@ use crate::backend::{BackendError, Server};
 use crate::cancel::Registration;
 use crate::params::{self, ClientParams};
 use crate::pool::{Pool, PoolError, PooledServer};
-use crate::protocol::frame::{
-    complete_frame_len, peek_header, split_frame, split_startup_packet, Frame,
-};
+use crate::prepared::ClientStatements;
+use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_packet, Frame};
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
+use crate::relay::{pump_client, scan_server, Pump, OUT_LIMIT};
 use crate::Shared;
 
-/// Stop reading from one side while this much is waiting to be written to the other.
-const OUT_LIMIT: usize = 256 * 1024;
 /// Largest authentication message accepted from a client (long enough for IAM tokens).
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
-/// Largest server message pgmux buffers whole (ParameterStatus, ErrorResponse, ReadyForQuery).
-const MAX_INSPECTED_SERVER_MESSAGE: usize = 1 << 20;
 
 /// Why a session ended (logged; exported as a metric label by the admin surface).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +160,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 client,
                 params,
                 registration,
+                statements: ClientStatements::default(),
+                skip_to_sync: false,
             };
             let reason = s.serve().await;
             tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
@@ -554,6 +552,10 @@ struct Session<'a> {
     client: Client,
     params: ClientParams,
     registration: Registration,
+    /// The client's named prepared statements.
+    statements: ClientStatements,
+    /// pgmux answered a message with an error: drop client messages up to Sync.
+    skip_to_sync: bool,
 }
 
 /// Why forwarding stopped without the server being released normally.
@@ -676,12 +678,27 @@ impl Session<'_> {
         let max = self.cfg.max_message_size;
         let client = &mut self.client;
         let params = &mut self.params;
+        let statements = &mut self.statements;
+        let skip_to_sync = &mut self.skip_to_sync;
+        let registry = &self.shared.statements;
+        let stats = &self.pool.stats;
+        let max_prepared = self.cfg.max_prepared_statements;
         let mut to_server = BytesMut::new();
         let mut client_done = false;
         loop {
             // Client frames into the server's queue.
             if !client_done && to_server.len() < OUT_LIMIT {
-                match pump_client(&mut client.rbuf, &mut to_server, server, max) {
+                let mut pump = Pump {
+                    server,
+                    out: &mut to_server,
+                    client_out: &mut client.wbuf,
+                    statements,
+                    registry,
+                    stats,
+                    max_prepared,
+                    skip_to_sync,
+                };
+                match pump_client(&mut client.rbuf, &mut pump, max) {
                     Ok(false) => {}
                     Ok(true) => client_done = true, // Terminate: finish up, then end
                     Err(e) => {
@@ -743,15 +760,8 @@ impl Session<'_> {
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
                 Ev::ServerRead(Ok(_)) => {
-                    match scan_server(server, params) {
-                        Ok(n) => {
-                            let chunk = server.buf.split_to(n);
-                            if client.wbuf.is_empty() {
-                                client.wbuf = chunk;
-                            } else {
-                                client.wbuf.extend_from_slice(&chunk);
-                            }
-                        }
+                    match scan_server(server, &mut client.wbuf, params, statements) {
+                        Ok(()) => {}
                         Err(e) => {
                             server.dirty = true;
                             tracing::warn!(error = %e, "protocol error from server");
@@ -775,101 +785,4 @@ impl Session<'_> {
             }
         }
     }
-}
-
-/// Moves complete client frames from `rbuf` to `out`, keeping the server's protocol
-/// bookkeeping. Returns `true` if the client sent Terminate (not forwarded).
-fn pump_client(
-    rbuf: &mut BytesMut,
-    out: &mut BytesMut,
-    server: &mut Server,
-    max: usize,
-) -> Result<bool, ProtocolError> {
-    let mut n = 0;
-    let mut terminate = false;
-    while n < OUT_LIMIT {
-        let Some((tag, len)) = complete_frame_len(&rbuf[n..], max)? else {
-            break;
-        };
-        match tag {
-            b'Q' | b'S' | b'F' => {
-                server.outstanding += 1;
-                server.unsynced = false;
-            }
-            b'P' | b'B' | b'D' | b'E' | b'C' => server.unsynced = true,
-            b'H' | b'd' | b'c' | b'f' => {}
-            b'X' => {
-                terminate = true;
-                break;
-            }
-            other => return Err(ProtocolError::UnexpectedMessage(other as char)),
-        }
-        n += len;
-    }
-    if n > 0 {
-        let chunk = rbuf.split_to(n);
-        if out.is_empty() {
-            *out = chunk;
-        } else {
-            out.extend_from_slice(&chunk);
-        }
-    }
-    Ok(terminate)
-}
-
-/// Scans server bytes in place; returns how many may go to the client now. Whole
-/// ReadyForQuery / ParameterStatus / ErrorResponse messages are inspected, everything else
-/// streams through (a large DataRow is forwarded as it arrives).
-fn scan_server(server: &mut Server, params: &mut ClientParams) -> Result<usize, ProtocolError> {
-    let buf = &server.buf[..];
-    let mut pos = 0;
-    loop {
-        if server.pending_body > 0 {
-            let take = server.pending_body.min(buf.len() - pos);
-            pos += take;
-            server.pending_body -= take;
-            if server.pending_body > 0 {
-                break;
-            }
-        }
-        let Some((tag, total)) = peek_header(&buf[pos..], i32::MAX as usize)? else {
-            break;
-        };
-        match tag {
-            b'Z' | b'S' | b'E' => {
-                if total > MAX_INSPECTED_SERVER_MESSAGE {
-                    return Err(ProtocolError::TooLarge {
-                        tag: tag as char,
-                        len: total,
-                        max: MAX_INSPECTED_SERVER_MESSAGE,
-                    });
-                }
-                if buf.len() - pos < total {
-                    break;
-                }
-                let body = &buf[pos + 5..pos + total];
-                match tag {
-                    b'Z' => {
-                        server.status = *body
-                            .first()
-                            .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
-                        server.outstanding = server.outstanding.saturating_sub(1);
-                    }
-                    b'S' => {
-                        let (k, v) = msg::parse_parameter_status(body)?;
-                        server.params.reported(k, v);
-                        params.reported(k, v);
-                    }
-                    _ => {}
-                }
-                pos += total;
-            }
-            _ => {
-                let avail = total.min(buf.len() - pos);
-                pos += avail;
-                server.pending_body = total - avail;
-            }
-        }
-    }
-    Ok(pos)
 }
