@@ -2,11 +2,13 @@
 # Load benchmark: pgbench select-only through pgmux vs PgBouncer vs direct.
 #
 # Usage: benches/load.sh [--duration SECONDS] [--clients "50 1000"] [--pool-size 20]
+#                        [--modes "simple extended prepared"]
 #
 # Builds pgmux (release), starts a throwaway PostgreSQL on 127.0.0.1, loads
 # `pgbench -i -s 10`, starts pgmux and PgBouncer (transaction pooling, same
-# pool size), then for every client count runs
-#   pgbench -n -S -T DURATION -c N -j 2 -M simple
+# pool size), then for every query mode and client count runs
+#   pgbench -n -S -T DURATION -c N -j 2 -M MODE
+# (PgBouncer before 1.21 cannot run -M prepared in transaction mode: skipped)
 # against PostgreSQL directly (only N <= 100, max_connections is 200), pgmux
 # and PgBouncer, and prints TPS, average latency, pooler CPU per transaction
 # and pooler peak RSS. Everything is cleaned up on exit.
@@ -17,9 +19,10 @@ CLIENTS="50 1000"
 POOL_SIZE=20
 SCALE=10
 DIRECT_MAX_CLIENTS=100
+MODES="simple"
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -31,9 +34,14 @@ while [ $# -gt 0 ]; do
         --clients=*) CLIENTS="${1#*=}"; shift ;;
         --pool-size) POOL_SIZE="$2"; shift 2 ;;
         --pool-size=*) POOL_SIZE="${1#*=}"; shift ;;
+        --modes) MODES="$2"; shift 2 ;;
+        --modes=*) MODES="${1#*=}"; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
+done
+for m in $MODES; do
+    case "$m" in simple|extended|prepared) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
 for v in "$DURATION" "$POOL_SIZE" $CLIENTS; do
     [[ "$v" =~ ^[0-9]+$ ]] || { echo "not a number: $v" >&2; exit 2; }
@@ -241,29 +249,29 @@ peak_rss_mb() { # pid -> VmHWM in MB
 }
 
 RESULTS=()
-ROW_FMT='%-10s %8s %12s %11s %11s %17s %12s'
+ROW_FMT='%-10s %-9s %8s %12s %11s %11s %17s %12s'
 declare -A TPS
 
-run_one() { # target port pid clients
-    local target="$1" port="$2" pid="$3" clients="$4" out before after tps lat conn txns cpu rss
+run_one() { # target port pid mode clients
+    local target="$1" port="$2" pid="$3" mode="$4" clients="$5" out before after tps lat conn txns cpu rss
     # pgbench's -T clock starts before the clients connect, and 1000 SCRAM
     # logins take several seconds on a small machine; extend the run by a
     # connection allowance (the reported tps excludes connection time).
     local t=$((DURATION + clients / 20))
-    log "pgbench $target: -c $clients -T $t"
+    log "pgbench $target: -M $mode -c $clients -T $t"
     before=0
     if [ -n "$pid" ]; then before="$(cpu_ticks "$pid")"; fi
     # A pooler that stops answering must not hang the whole run.
-    if ! out="$(timeout --signal=KILL $((t * 2 + 60)) "$PG_BIN/pgbench" -n -S -T "$t" -c "$clients" -j 2 -M simple \
+    if ! out="$(timeout --signal=KILL $((t * 2 + 60)) "$PG_BIN/pgbench" -n -S -T "$t" -c "$clients" -j 2 -M "$mode" \
         -h 127.0.0.1 -p "$port" -U bench bench 2>&1)"; then
         echo "pgbench against $target failed:" >&2
         echo "$out" | tail -n 5 | sed 's/^/    /' >&2
-        RESULTS+=("$(printf "$ROW_FMT" "$target" "$clients" FAILED - - - -)")
+        RESULTS+=("$(printf "$ROW_FMT" "$target" "$mode" "$clients" FAILED - - - -)")
         return 0
     fi
     after=0
     if [ -n "$pid" ]; then after="$(cpu_ticks "$pid")"; fi
-    printf '%s\n' "$out" >"$TMP/pgbench-$target-$clients.log"
+    printf '%s\n' "$out" >"$TMP/pgbench-$target-$mode-$clients.log"
     tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' <<<"$out")"
     lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")"
     conn="$(sed -n 's/^initial connection time = \([0-9.]*\) ms.*/\1/p' <<<"$out")"
@@ -284,19 +292,36 @@ run_one() { # target port pid clients
             'BEGIN { printf "%.2f", t / hz * 1e6 / n }')"
         rss="$(peak_rss_mb "$pid")"
     fi
-    TPS["$target,$clients"]="${tps:-0}"
-    RESULTS+=("$(printf "$ROW_FMT" "$target" "$clients" "${tps:-?}" "${lat:-?}" "${conn:--}" "$cpu" "$rss")")
+    TPS["$target,$mode,$clients"]="${tps:-0}"
+    RESULTS+=("$(printf "$ROW_FMT" "$target" "$mode" "$clients" "${tps:-?}" "${lat:-?}" "${conn:--}" "$cpu" "$rss")")
 }
 
 PGB_PID=""
 if [ "$PGB_OK" -eq 1 ]; then PGB_PID="$(cat "$PGB_PIDFILE")"; fi
 
-for c in $CLIENTS; do
-    if [ "$c" -le "$DIRECT_MAX_CLIENTS" ]; then
-        run_one direct "$PG_PORT" "" "$c"
+PGB_PREPARED=0
+if [ "$PGB_OK" -eq 1 ]; then
+    PGB_VERSION="$(pgbouncer --version 2>/dev/null | sed -n 's/^PgBouncer \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -n1)"
+    read -r PGB_MAJOR PGB_MINOR <<<"${PGB_VERSION:-0 0}"
+    if [ "$PGB_MAJOR" -gt 1 ] || { [ "$PGB_MAJOR" -eq 1 ] && [ "$PGB_MINOR" -ge 21 ]; }; then
+        PGB_PREPARED=1
     fi
-    if [ "$PGMUX_OK" -eq 1 ]; then run_one pgmux "$PGMUX_PORT" "$PGMUX_PID" "$c"; fi
-    if [ "$PGB_OK" -eq 1 ]; then run_one pgbouncer "$PGB_PORT" "$PGB_PID" "$c"; fi
+fi
+for mode in $MODES; do
+    for c in $CLIENTS; do
+        if [ "$c" -le "$DIRECT_MAX_CLIENTS" ]; then
+            run_one direct "$PG_PORT" "" "$mode" "$c"
+        fi
+        if [ "$PGMUX_OK" -eq 1 ]; then run_one pgmux "$PGMUX_PORT" "$PGMUX_PID" "$mode" "$c"; fi
+        if [ "$PGB_OK" -eq 1 ]; then
+            if [ "$mode" = prepared ] && [ "$PGB_PREPARED" -eq 0 ]; then
+                log "skipping PgBouncer -M prepared: $(pgbouncer --version | head -n1) has no prepared statements in transaction mode (1.21+)"
+                RESULTS+=("$(printf "$ROW_FMT" pgbouncer "$mode" "$c" unsupported - - - -)")
+            else
+                run_one pgbouncer "$PGB_PORT" "$PGB_PID" "$mode" "$c"
+            fi
+        fi
+    done
 done
 
 # --- report --------------------------------------------------------------------
@@ -304,22 +329,26 @@ ratio() { # a b
     awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else printf "-" }'
 }
 echo
-echo "pgbench -S -M simple -j 2, ${DURATION}s per run (+clients/20 s connection allowance)," \
+echo "pgbench -S -j 2, modes: $MODES, ${DURATION}s per run (+clients/20 s connection allowance)," \
     "pool size $POOL_SIZE, scale $SCALE, $(nproc) CPUs"
 echo "tps excludes connection time; pooler cpu/tx includes the SCRAM logins of all clients."
-printf "$ROW_FMT\n" target clients tps "lat avg ms" "connect ms" "pooler cpu us/tx" "peak rss MB"
+printf "$ROW_FMT\n" target mode clients tps "lat avg ms" "connect ms" "pooler cpu us/tx" "peak rss MB"
 printf '%s\n' "${RESULTS[@]}"
 echo
-printf '%8s %18s %16s\n' clients "pgmux/pgbouncer" "pgmux/direct"
-for c in $CLIENTS; do
-    printf '%8s %18s %16s\n' "$c" \
-        "$(ratio "${TPS[pgmux,$c]:-0}" "${TPS[pgbouncer,$c]:-0}")" \
-        "$(ratio "${TPS[pgmux,$c]:-0}" "${TPS[direct,$c]:-0}")"
+printf '%-9s %8s %18s %16s\n' mode clients "pgmux/pgbouncer" "pgmux/direct"
+for mode in $MODES; do
+    for c in $CLIENTS; do
+        printf '%-9s %8s %18s %16s\n' "$mode" "$c" \
+            "$(ratio "${TPS[pgmux,$mode,$c]:-0}" "${TPS[pgbouncer,$mode,$c]:-0}")" \
+            "$(ratio "${TPS[pgmux,$mode,$c]:-0}" "${TPS[direct,$mode,$c]:-0}")"
+    done
 done
 if [ "$PGB_OK" -eq 1 ]; then
     echo
-    printf '%8s %20s\n' clients "pgbouncer/direct"
-    for c in $CLIENTS; do
-        printf '%8s %20s\n' "$c" "$(ratio "${TPS[pgbouncer,$c]:-0}" "${TPS[direct,$c]:-0}")"
+    printf '%-9s %8s %20s\n' mode clients "pgbouncer/direct"
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            printf '%-9s %8s %20s\n' "$mode" "$c" "$(ratio "${TPS[pgbouncer,$mode,$c]:-0}" "${TPS[direct,$mode,$c]:-0}")"
+        done
     done
 fi

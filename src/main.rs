@@ -93,11 +93,19 @@ fn serve(config: Config) -> ExitCode {
     } else {
         config.workers
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime (no work-stealing, no cross-thread wake-ups),
+    // PgBouncer's single event loop in effect.
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgmux: cannot start runtime: {e}");
