@@ -162,6 +162,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 registration,
                 statements: ClientStatements::default(),
                 skip_to_sync: false,
+                to_server: BytesMut::new(),
             };
             let reason = s.serve().await;
             tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
@@ -556,6 +557,8 @@ struct Session<'a> {
     statements: ClientStatements,
     /// pgmux answered a message with an error: drop client messages up to Sync.
     skip_to_sync: bool,
+    /// Bytes on their way to the linked server.
+    to_server: BytesMut,
 }
 
 /// Why forwarding stopped without the server being released normally.
@@ -683,14 +686,16 @@ impl Session<'_> {
         let registry = &self.shared.statements;
         let stats = &self.pool.stats;
         let max_prepared = self.cfg.max_prepared_statements;
-        let mut to_server = BytesMut::new();
+        // Reused across transactions; empty whenever a server is released.
+        let to_server = &mut self.to_server;
+        to_server.clear();
         let mut client_done = false;
         loop {
             // Client frames into the server's queue.
             if !client_done && to_server.len() < OUT_LIMIT {
                 let mut pump = Pump {
                     server,
-                    out: &mut to_server,
+                    out: to_server,
                     client_out: &mut client.wbuf,
                     statements,
                     registry,
@@ -735,7 +740,7 @@ impl Session<'_> {
                 tokio::select! {
                     r = cr.read_buf(&mut client.rbuf), if !client_done && client.rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT => Ev::ClientRead(r),
                     r = sr.read_buf(&mut server.buf), if client.wbuf.len() < OUT_LIMIT => Ev::ServerRead(r),
-                    r = sw.write_buf(&mut to_server), if !to_server.is_empty() => Ev::ServerWrite(r),
+                    r = sw.write_buf(to_server), if !to_server.is_empty() => Ev::ServerWrite(r),
                     r = cw.write_buf(&mut client.wbuf), if !client.wbuf.is_empty() => Ev::ClientWrite(r),
                 }
             };
