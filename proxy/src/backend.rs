@@ -220,7 +220,7 @@ pub enum Expect {
     /// (undone if the Parse fails).
     Parse {
         swallow: bool,
-        stmt: Option<(u64, Option<String>)>,
+        stmt: Option<(std::sync::Arc<crate::prepared::Statement>, Option<String>)>,
     },
     /// BindComplete, for a Bind of statement `stmt` (None: unnamed).
     Bind { stmt: Option<u64> },

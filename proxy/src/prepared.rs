@@ -17,7 +17,7 @@
 //! injects the Parse first and swallows its ParseComplete (see `session`'s response queue).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -32,9 +32,20 @@ pub struct Statement {
     pub query: Bytes,
     /// The parameter-type part of the Parse body: i16 count + that many OIDs.
     pub param_types: Bytes,
+    /// A server accepted this Parse at least once: a client's Parse of the same text can be
+    /// answered without a server (see `session`'s local answers).
+    valid: AtomicBool,
 }
 
 impl Statement {
+    pub fn mark_valid(&self) {
+        self.valid.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Relaxed)
+    }
+
     /// Appends a Parse message that prepares this statement under its server-side name.
     pub fn encode_parse(&self, out: &mut BytesMut) {
         let len = 4 + self.name.len() + 1 + self.query.len() + 1 + self.param_types.len();
@@ -73,6 +84,16 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The statement for this text, if one is alive.
+    pub fn get(&self, query: &[u8], param_types: &[u8]) -> Option<Arc<Statement>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(
+            Bytes::copy_from_slice(query),
+            Bytes::copy_from_slice(param_types),
+        ))
+        .and_then(Weak::upgrade)
+    }
+
     pub fn get_or_create(&self, query: Bytes, param_types: Bytes) -> Arc<Statement> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let key = (query, param_types);
@@ -85,6 +106,7 @@ impl Registry {
             name: server_name(id),
             query: key.0.clone(),
             param_types: key.1.clone(),
+            valid: AtomicBool::new(false),
         });
         // Keep the map from growing without bound: drop dead entries when it doubles.
         if map.len() >= 1024 && map.len().is_power_of_two() {

@@ -283,6 +283,86 @@ fn handle_named(tag: u8, body: Bytes, p: &mut Pump<'_>) -> Result<(), ProtocolEr
     Ok(())
 }
 
+/// With no server linked: if the client's buffered messages up to the next Sync are only
+/// Parse of statements a server has accepted before and Close of statements, answer them
+/// without a server (ParseComplete/CloseComplete, then ReadyForQuery 'I'). Besides saving
+/// a round trip, this keeps clients that prepare synchronously while other connections of
+/// the same thread hold servers (pgbench -M prepared) from waiting on each other. Returns
+/// whether it answered. A statement that became invalid since (DDL) reports its error at
+/// the Bind that re-prepares it.
+pub fn answer_without_server(
+    rbuf: &mut BytesMut,
+    out: &mut BytesMut,
+    statements: &mut ClientStatements,
+    registry: &Registry,
+    stats: &PoolStats,
+    max: usize,
+) -> Result<bool, ProtocolError> {
+    enum Step {
+        Parse(String, std::sync::Arc<Statement>),
+        Close(String),
+    }
+    let mut steps = Vec::new();
+    let mut n = 0;
+    loop {
+        let Some((tag, len)) = complete_frame_len(&rbuf[n..], max)? else {
+            return Ok(false);
+        };
+        let body = &rbuf[n + 5..n + len];
+        n += len;
+        match tag {
+            b'S' => break,
+            b'P' => {
+                let Some((name, rest)) = cstr(body) else {
+                    return Ok(false);
+                };
+                let Some((query, types)) = cstr(rest) else {
+                    return Ok(false);
+                };
+                let Ok(name) = std::str::from_utf8(name) else {
+                    return Ok(false);
+                };
+                let seen = steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Parse(n, _) | Step::Close(n) if n == name));
+                if name.is_empty() || seen || statements.contains(name) {
+                    return Ok(false);
+                }
+                match registry.get(query, types) {
+                    Some(stmt) if stmt.is_valid() => steps.push(Step::Parse(name.to_owned(), stmt)),
+                    _ => return Ok(false),
+                }
+            }
+            b'C' => match body.split_first() {
+                Some((b'S', rest)) => match cstr(rest).map(|(n, _)| std::str::from_utf8(n)) {
+                    Some(Ok(name)) if !name.is_empty() => steps.push(Step::Close(name.to_owned())),
+                    _ => return Ok(false),
+                },
+                _ => return Ok(false),
+            },
+            _ => return Ok(false),
+        }
+    }
+    rbuf.advance(n);
+    for step in steps {
+        match step {
+            Step::Parse(name, stmt) => {
+                stats
+                    .statement_cache_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                statements.insert(name, stmt);
+                out.extend_from_slice(PARSE_COMPLETE);
+            }
+            Step::Close(name) => {
+                statements.remove(&name);
+                out.extend_from_slice(CLOSE_COMPLETE);
+            }
+        }
+    }
+    msg::ready_for_query(out, b'I');
+    Ok(true)
+}
+
 /// The client's statement `name`, or a synthetic 26000 error.
 fn lookup(p: &mut Pump<'_>, name: &[u8]) -> Option<std::sync::Arc<Statement>> {
     match p.statements.get(&String::from_utf8_lossy(name)) {
@@ -332,7 +412,7 @@ fn prepare_on_server(
     stmt.encode_parse(p.out);
     p.server.expect.push_back(Expect::Parse {
         swallow: client_name.is_none(),
-        stmt: Some((stmt.id, client_name)),
+        stmt: Some((stmt.clone(), client_name)),
     });
     p.server.unsynced = true;
 }
@@ -565,7 +645,10 @@ fn on_message(
             }
         }
         b'1' if head_is(&s, |e| matches!(e, Expect::Parse { .. })) => {
-            if let Some(Expect::Parse { swallow, .. }) = s.expect.pop_front() {
+            if let Some(Expect::Parse { swallow, stmt }) = s.expect.pop_front() {
+                if let Some((stmt, _)) = stmt {
+                    stmt.mark_valid();
+                }
                 return Ok(swallow);
             }
         }
@@ -593,12 +676,12 @@ fn on_message(
 fn undo_skipped(e: Expect, s: &mut Parts<'_>, statements: &mut ClientStatements) {
     match e {
         Expect::Parse {
-            stmt: Some((id, name)),
+            stmt: Some((stmt, name)),
             ..
         } => {
-            s.statements.forget(id);
+            s.statements.forget(stmt.id);
             if let Some(name) = name {
-                statements.remove_if(&name, id);
+                statements.remove_if(&name, stmt.id);
             }
         }
         Expect::Close {

@@ -37,7 +37,7 @@ use crate::prepared::ClientStatements;
 use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_packet, Frame};
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
-use crate::relay::{pump_client, scan_server, Pump, OUT_LIMIT};
+use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
 use crate::Shared;
 
 /// Largest authentication message accepted from a client (long enough for IAM tokens).
@@ -570,7 +570,7 @@ enum LinkEnd {
 impl Session<'_> {
     async fn serve(&mut self) -> DisconnectReason {
         let max = self.cfg.max_message_size;
-        loop {
+        'idle: loop {
             // --- idle: wait for a message that needs a server
             loop {
                 match complete_frame_len(&self.client.rbuf, max) {
@@ -614,6 +614,31 @@ impl Session<'_> {
                     r = self.client.read_more() => match r {
                         Ok(0) | Err(_) => return DisconnectReason::ClientClosed,
                         Ok(_) => {}
+                    }
+                }
+            }
+
+            // Statement bookkeeping that needs no server is answered here.
+            if self.cfg.max_prepared_statements > 0 {
+                match answer_without_server(
+                    &mut self.client.rbuf,
+                    &mut self.client.wbuf,
+                    &mut self.statements,
+                    &self.shared.statements,
+                    &self.pool.stats,
+                    max,
+                ) {
+                    Ok(true) => continue 'idle,
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.client
+                            .fail(
+                                Severity::Fatal,
+                                sqlstate::PROTOCOL_VIOLATION,
+                                &e.to_string(),
+                            )
+                            .await;
+                        return DisconnectReason::ClientProtocolError;
                     }
                 }
             }
@@ -720,6 +745,7 @@ impl Session<'_> {
                     }
                 }
             }
+            tracing::trace!(expect = ?server.expect, unsynced = server.unsynced, status = server.status, pending = server.pending_body, "link state");
             if to_server.is_empty() && server.buf.is_empty() {
                 if client_done {
                     return LinkEnd::Ended(DisconnectReason::ClientTerminate);
