@@ -412,3 +412,33 @@ async fn changed_result_type_after_ddl_is_no_worse_than_direct() {
     let rows = c.query(&s, &[]).await.unwrap();
     assert_eq!(rows[0].len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_with_flush_instead_of_sync() {
+    let env = env();
+    let px = env.pgmux(&["--pool-size", "2"], &[]);
+    let mut a = env.raw(&px);
+    let mut b = env.raw(&px);
+    // a prepares "q" and keeps its server busy inside a transaction.
+    let mut pkt = parse("q", "select $1::text || '!'");
+    pkt.extend(sync());
+    a.send(&pkt);
+    assert_eq!(tags(&a.read_until_ready()), "1Z");
+    a.simple_query("begin");
+    // b prepares the same text under another name, then Bind/Execute + Flush (no Sync):
+    // the answers must arrive before any Sync, on whichever server b got.
+    let mut pkt = parse("other", "select $1::text || '!'");
+    pkt.extend(bind("other", &["hi"]));
+    pkt.extend(execute());
+    pkt.extend(RawConn::frame(b'H', b""));
+    b.send(&pkt);
+    let mut got = Vec::new();
+    while got.last().map(|(t, _): &support::Message| *t) != Some(b'C') {
+        got.push(b.read_message().expect("message before Sync"));
+    }
+    assert_eq!(tags(&got), "12DC");
+    assert_eq!(first_value(&got), "hi!");
+    b.send(&sync());
+    assert_eq!(tags(&b.read_until_ready()), "Z");
+    a.simple_query("commit");
+}
