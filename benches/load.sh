@@ -226,7 +226,10 @@ log_disconnections = 0
 server_tls_sslmode = disable
 EOF
     log "starting PgBouncer on 127.0.0.1:$PGB_PORT"
-    if as_pg "$PGBOUNCER" -d "$PGB_DIR/pgbouncer.ini" && wait_port "$PGB_PORT" 10; then
+    # runuser resets the soft open-files limit to 1024 (PAM): raise it again in the
+    # child, or PgBouncer stalls at about 1000 clients.
+    if as_pg bash -c 'ulimit -n "$1" && shift && exec "$@"' _ "$(ulimit -n)" \
+        "$PGBOUNCER" -d "$PGB_DIR/pgbouncer.ini" && wait_port "$PGB_PORT" 10; then
         PGB_OK=1
     else
         echo "WARNING: PgBouncer did not start; skipping it. Log:" >&2
