@@ -151,7 +151,9 @@ impl Proxy {
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
                         let shared = shared.clone();
-                        self.tracker.spawn(session::run(shared, stream, peer));
+                        let fut = session::run(shared, stream, peer);
+                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "session future size");
+                        self.tracker.spawn(fut);
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.

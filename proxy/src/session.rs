@@ -88,8 +88,10 @@ impl Client {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
         }
+        // Not just clear(): the bytes may be a slice of a server's read buffer, which can
+        // reuse its memory only once nobody else refers to it.
+        self.wbuf = BytesMut::new();
         Ok(())
     }
 
@@ -102,11 +104,25 @@ impl Client {
         }
     }
 
+    /// Reads what the client sent, holding no buffer while waiting: an idle client costs
+    /// its task and socket only. Bytes go through a scratch array into a buffer of the
+    /// size actually received (one small copy per read).
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(4096);
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
         }
-        self.stream.read_buf(&mut self.rbuf).await
+        loop {
+            self.stream.readable().await?;
+            let mut scratch = [0u8; 8192];
+            match self.stream.try_read(&mut scratch) {
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&scratch[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn read_frame(&mut self, max: usize) -> Result<Option<Frame>, ProtocolError> {
@@ -130,8 +146,13 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
     };
-    let login =
-        tokio::time::timeout(cfg.client_login_timeout, login(&shared, &cfg, &mut client)).await;
+    // Boxed: the login state machine (SCRAM exchange, first server login) is needed once,
+    // and must not make every idle client's task bigger.
+    let login = tokio::time::timeout(
+        cfg.client_login_timeout,
+        Box::pin(login(&shared, &cfg, &mut client)),
+    )
+    .await;
     let reason = match login {
         Err(_) => {
             client
@@ -810,8 +831,18 @@ impl Session<'_> {
                         server.buf.reserve(8192);
                     }
                 }
-                Ev::ServerWrite(Ok(_)) => {}
-                Ev::ClientWrite(Ok(_)) => {}
+                // Drop emptied buffers that share memory with the other side's read buffer,
+                // so that buffer can reuse its allocation instead of growing a new one.
+                Ev::ServerWrite(Ok(_)) => {
+                    if to_server.is_empty() {
+                        *to_server = BytesMut::new();
+                    }
+                }
+                Ev::ClientWrite(Ok(_)) => {
+                    if client.wbuf.is_empty() {
+                        client.wbuf = BytesMut::new();
+                    }
+                }
                 Ev::ClientWrite(Err(_)) => return LinkEnd::Ended(DisconnectReason::ClientClosed),
             }
         }
