@@ -305,6 +305,34 @@ impl Server {
         }
     }
 
+    /// A server around an already-open stream, with no login done (benchmarks and tests
+    /// that drive the relay without PostgreSQL).
+    #[doc(hidden)]
+    pub fn detached(stream: ServerStream, addr: Arc<ServerAddr>) -> Server {
+        Server {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            buf: BytesMut::with_capacity(8192),
+            params: ServerParams::default(),
+            cancel: CancelTarget {
+                addr,
+                pid: 0,
+                secret: 0,
+                lock: Arc::new(tokio::sync::Mutex::new(())),
+            },
+            created: Instant::now(),
+            last_used: Instant::now(),
+            expect: VecDeque::new(),
+            skipping: false,
+            copy_in: false,
+            statements: ServerStatements::default(),
+            unsynced: false,
+            status: b'I',
+            dirty: false,
+            pending_body: 0,
+        }
+    }
+
     /// Connects and logs in as `user` to `addr`.
     pub async fn connect(
         addr: &Arc<ServerAddr>,
