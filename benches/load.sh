@@ -2,13 +2,15 @@
 # Load benchmark: pgbench select-only through pgmux vs PgBouncer vs direct.
 #
 # Usage: benches/load.sh [--duration SECONDS] [--clients "50 1000"] [--pool-size 20]
-#                        [--modes "simple extended prepared"]
+#                        [--modes "simple extended prepared"] [--logins 1000]
 #
 # Builds pgmux (release), starts a throwaway PostgreSQL on 127.0.0.1, loads
 # `pgbench -i -s 10`, starts pgmux and PgBouncer (transaction pooling, same
 # pool size), then for every query mode and client count runs
 #   pgbench -n -S -T DURATION -c N -j 2 -M MODE
-# (PgBouncer before 1.21 cannot run -M prepared in transaction mode: skipped)
+# (PgBouncer before 1.21 cannot run -M prepared in transaction mode: skipped).
+# With --logins N it also connects N SCRAM clients at once to each pooler
+# (benches/scram_logins.py) and reports the time until all are ready.
 # against PostgreSQL directly (only N <= 100, max_connections is 200), pgmux
 # and PgBouncer, and prints TPS, average latency, pooler CPU per transaction
 # and pooler peak RSS. Everything is cleaned up on exit.
@@ -20,9 +22,10 @@ POOL_SIZE=20
 SCALE=10
 DIRECT_MAX_CLIENTS=100
 MODES="simple"
+LOGINS=0
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -35,6 +38,8 @@ while [ $# -gt 0 ]; do
         --pool-size) POOL_SIZE="$2"; shift 2 ;;
         --pool-size=*) POOL_SIZE="${1#*=}"; shift ;;
         --modes) MODES="$2"; shift 2 ;;
+        --logins) LOGINS="$2"; shift 2 ;;
+        --logins=*) LOGINS="${1#*=}"; shift ;;
         --modes=*) MODES="${1#*=}"; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
@@ -43,7 +48,7 @@ done
 for m in $MODES; do
     case "$m" in simple|extended|prepared) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
-for v in "$DURATION" "$POOL_SIZE" $CLIENTS; do
+for v in "$DURATION" "$POOL_SIZE" "$LOGINS" $CLIENTS; do
     [[ "$v" =~ ^[0-9]+$ ]] || { echo "not a number: $v" >&2; exit 2; }
 done
 
@@ -327,6 +332,24 @@ for mode in $MODES; do
     done
 done
 
+LOGIN_RESULTS=()
+if [ "$LOGINS" -gt 0 ]; then
+    for target in pgmux pgbouncer; do
+        case "$target" in
+            pgmux) ok="$PGMUX_OK"; port="${PGMUX_PORT:-}"; pid="${PGMUX_PID:-}" ;;
+            pgbouncer) ok="$PGB_OK"; port="${PGB_PORT:-}"; pid="${PGB_PID:-}" ;;
+        esac
+        [ "$ok" -eq 1 ] || continue
+        log "$LOGINS SCRAM logins at once: $target"
+        if line="$(python3 "$ROOT/benches/scram_logins.py" --port "$port" --pid "$pid" \
+            --user bench --password benchpw --db bench --clients "$LOGINS" 2>&1)"; then
+            LOGIN_RESULTS+=("$(printf '%-10s %s' "$target" "$line")")
+        else
+            LOGIN_RESULTS+=("$(printf '%-10s FAILED: %s' "$target" "$(tail -n1 <<<"$line")")")
+        fi
+    done
+fi
+
 # --- report --------------------------------------------------------------------
 ratio() { # a b
     awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else printf "-" }'
@@ -354,4 +377,9 @@ if [ "$PGB_OK" -eq 1 ]; then
             printf '%-9s %8s %20s\n' "$mode" "$c" "$(ratio "${TPS[pgbouncer,$mode,$c]:-0}" "${TPS[direct,$mode,$c]:-0}")"
         done
     done
+fi
+if [ "${#LOGIN_RESULTS[@]}" -gt 0 ]; then
+    echo
+    echo "SCRAM logins at once (client caches its PBKDF2 per salt; see benches/scram_logins.py):"
+    printf '%s\n' "${LOGIN_RESULTS[@]}"
 fi
