@@ -2,7 +2,7 @@
 # Load benchmark: pgbench select-only through pgmux vs PgBouncer vs direct.
 #
 # Usage: benches/load.sh [--duration SECONDS] [--clients "50 1000"] [--pool-size 20]
-#                        [--modes "simple extended prepared"] [--logins 1000]
+#                        [--modes "simple extended prepared"] [--logins 1000] [--csv FILE]
 #
 # Builds pgmux (release), starts a throwaway PostgreSQL on 127.0.0.1, loads
 # `pgbench -i -s 10`, starts pgmux and PgBouncer (transaction pooling, same
@@ -23,6 +23,7 @@ SCALE=10
 DIRECT_MAX_CLIENTS=100
 MODES="simple"
 LOGINS=0
+CSV=""
 
 usage() {
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
         --pool-size=*) POOL_SIZE="${1#*=}"; shift ;;
         --modes) MODES="$2"; shift 2 ;;
         --logins) LOGINS="$2"; shift 2 ;;
+        --csv) CSV="$2"; shift 2 ;;
         --logins=*) LOGINS="${1#*=}"; shift ;;
         --modes=*) MODES="${1#*=}"; shift ;;
         -h|--help) usage 0 ;;
@@ -265,7 +267,7 @@ run_one() { # target port pid mode clients
     # pgbench's -T clock starts before the clients connect, and 1000 SCRAM
     # logins take several seconds on a small machine; extend the run by a
     # connection allowance (the reported tps excludes connection time).
-    local t=$((DURATION + clients / 20))
+    local t=$((DURATION + clients / 100))
     log "pgbench $target: -M $mode -c $clients -T $t"
     before=0
     if [ -n "$pid" ]; then before="$(cpu_ticks "$pid")"; fi
@@ -301,6 +303,10 @@ run_one() { # target port pid mode clients
         rss="$(peak_rss_mb "$pid")"
     fi
     TPS["$target,$mode,$clients"]="${tps:-0}"
+    if [ -n "$CSV" ]; then
+        [ -s "$CSV" ] || echo "target,mode,clients,tps,lat_avg_ms,connect_ms,pooler_cpu_us_per_tx,peak_rss_mb" >"$CSV"
+        echo "$target,$mode,$clients,${tps:-},${lat:-},${conn:-},${cpu/-/},${rss/-/}" >>"$CSV"
+    fi
     RESULTS+=("$(printf "$ROW_FMT" "$target" "$mode" "$clients" "${tps:-?}" "${lat:-?}" "${conn:--}" "$cpu" "$rss")")
 }
 
@@ -355,7 +361,7 @@ ratio() { # a b
     awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else printf "-" }'
 }
 echo
-echo "pgbench -S -j 2, modes: $MODES, ${DURATION}s per run (+clients/20 s connection allowance)," \
+echo "pgbench -S -j 2, modes: $MODES, ${DURATION}s per run (+clients/100 s connection allowance)," \
     "pool size $POOL_SIZE, scale $SCALE, $(nproc) CPUs"
 echo "tps excludes connection time; pooler cpu/tx includes the SCRAM logins of all clients."
 printf "$ROW_FMT\n" target mode clients tps "lat avg ms" "connect ms" "pooler cpu us/tx" "peak rss MB"

@@ -117,7 +117,7 @@ mod tests {
     fn rejects_bad_lengths_before_waiting_for_the_body() {
         for len in [0i32, 3, -1, i32::MIN] {
             let mut buf = BytesMut::new();
-            buf.extend_from_slice(&[b'Q']);
+            buf.extend_from_slice(b"Q");
             buf.extend_from_slice(&len.to_be_bytes());
             assert!(matches!(
                 split_frame(&mut buf, 1024),
@@ -125,7 +125,7 @@ mod tests {
             ));
         }
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(&[b'd']);
+        buf.extend_from_slice(b"d");
         buf.extend_from_slice(&i32::MAX.to_be_bytes());
         assert!(matches!(
             split_frame(&mut buf, 1 << 20),
