@@ -442,3 +442,36 @@ async fn named_statements_with_flush_instead_of_sync() {
     assert_eq!(tags(&b.read_until_ready()), "Z");
     a.simple_query("commit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_validity_is_per_database() {
+    let env = env();
+    env.setup("create table only_in_a(x int)");
+    let db_b = format!("{}_b", env.db);
+    env.cluster.create_database(&db_b, &env.user);
+    let node = env.cluster.primary();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        format!(
+            "[databases.a]\nurl = \"{}\"\n[databases.b]\nurl = \"{}\"\n",
+            node.url(&env.user, &env.password, &env.db),
+            node.url(&env.user, &env.password, &db_b),
+        ),
+    )
+    .unwrap();
+    let px = Pgmux::start(&["--config", config.path().to_str().unwrap()], &[]);
+    let mut a = RawConn::login(px.port(), &env.user, &env.password, "a");
+    let mut pkt = parse("s", "select x from only_in_a");
+    pkt.extend(sync());
+    a.send(&pkt);
+    assert_eq!(tags(&a.read_until_ready()), "1Z");
+    // The same text in database b is not known to be valid there: its Parse goes to a
+    // server and fails at once, as on a direct connection.
+    let mut b = RawConn::login(px.port(), &env.user, &env.password, "b");
+    let mut pkt = parse("s", "select x from only_in_a");
+    pkt.extend(sync());
+    b.send(&pkt);
+    let msgs = b.read_until_ready();
+    assert_eq!(sqlstate(&msgs).as_deref(), Some("42P01"), "{msgs:?}");
+}

@@ -45,8 +45,6 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub pools: DashMap<(String, String), Arc<Pool>>,
     pub cancel: Arc<CancelRegistry>,
-    /// Named prepared statements by text, shared by all clients and servers.
-    pub statements: prepared::Registry,
     pub clients: AtomicUsize,
     pub shutdown: CancellationToken,
     /// SCRAM verifiers derived once per (user, password), never per login.
@@ -63,7 +61,6 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             pools: DashMap::new(),
             cancel: Arc::new(CancelRegistry::default()),
-            statements: prepared::Registry::default(),
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             verifiers: DashMap::new(),

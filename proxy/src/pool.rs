@@ -77,6 +77,9 @@ pub struct Pool {
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
     startup_params: ArcSwapOption<ServerParams>,
+    /// Named prepared statements by text, shared by this pool's clients and servers. Per
+    /// pool, because a text valid in one database may not be in another.
+    pub statements: crate::prepared::Registry,
     pub stats: PoolStats,
 }
 
@@ -111,6 +114,7 @@ impl Pool {
                 waiters: VecDeque::new(),
             }),
             startup_params: ArcSwapOption::empty(),
+            statements: crate::prepared::Registry::default(),
             stats: PoolStats::default(),
         })
     }

@@ -4,8 +4,8 @@
 //! `S_1`, `P_0`, `s0` …) and execute it in later transactions, which pgmux may run on any
 //! server. So pgmux keeps three views:
 //!
-//! * [`Registry`] (one per pgmux): every distinct (query text, parameter types) gets one
-//!   [`Statement`] with a pgmux-wide server-side name `pgmux_<n>`. Two clients that prepare
+//! * [`Registry`] (one per pool): every distinct (query text, parameter types) gets one
+//!   [`Statement`] with a pool-wide server-side name `pgmux_<n>`. Two clients that prepare
 //!   the same text share it; two clients that use the same name for different texts get
 //!   different statements, so one can never run the other's.
 //! * [`ClientStatements`] (one per client): the client's names → statements.
@@ -75,7 +75,7 @@ pub fn encode_close_statement(name: &str, out: &mut BytesMut) {
 
 type Key = (Bytes, Bytes);
 
-/// pgmux-wide map from statement text to [`Statement`]. Entries are weak: a statement lives
+/// Per-pool map from statement text to [`Statement`]. Entries are weak: a statement lives
 /// while a client or a server cache holds it.
 #[derive(Default)]
 pub struct Registry {

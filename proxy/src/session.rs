@@ -645,7 +645,7 @@ impl Session<'_> {
                     &mut self.client.rbuf,
                     &mut self.client.wbuf,
                     &mut self.statements,
-                    &self.shared.statements,
+                    &self.pool.statements,
                     &self.pool.stats,
                     max,
                 ) {
@@ -729,7 +729,7 @@ impl Session<'_> {
         let params = &mut self.params;
         let statements = &mut self.statements;
         let skip_to_sync = &mut self.skip_to_sync;
-        let registry = &self.shared.statements;
+        let registry = &self.pool.statements;
         let stats = &self.pool.stats;
         let max_prepared = self.cfg.max_prepared_statements;
         // Reused across transactions; empty whenever a server is released.
