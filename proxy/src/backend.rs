@@ -305,9 +305,8 @@ impl Server {
         }
     }
 
-    /// A server around an already-open stream, with no login done (benchmarks and tests
-    /// that drive the relay without PostgreSQL).
-    #[doc(hidden)]
+    /// A server around an already-open stream, before any login: what [`Server::connect`]
+    /// starts from, and what benchmarks use to drive the relay without PostgreSQL.
     pub fn detached(stream: ServerStream, addr: Arc<ServerAddr>) -> Server {
         Server {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -416,28 +415,7 @@ async fn login(
         addr: name.to_owned(),
         source,
     };
-    let mut server = Server {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        stream,
-        buf: BytesMut::with_capacity(8192),
-        params: ServerParams::default(),
-        cancel: CancelTarget {
-            addr: addr.clone(),
-            pid: 0,
-            secret: 0,
-            lock: Arc::new(tokio::sync::Mutex::new(())),
-        },
-        created: Instant::now(),
-        last_used: Instant::now(),
-        expect: VecDeque::new(),
-        skipping: false,
-        copy_in: false,
-        statements: ServerStatements::default(),
-        unsynced: false,
-        status: b'I',
-        dirty: false,
-        pending_body: 0,
-    };
+    let mut server = Server::detached(stream, addr.clone());
     let mut out = BytesMut::with_capacity(256);
     startup_message(&mut out, &[("user", user), ("database", &addr.dbname)]);
     server
