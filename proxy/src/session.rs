@@ -104,6 +104,14 @@ impl Client {
         }
     }
 
+    /// A protocol violation: FATAL 08P01 with the reason, then close.
+    async fn protocol_violation(&mut self, e: &(dyn std::fmt::Display + Sync)) -> DisconnectReason {
+        let text = e.to_string();
+        self.fail(Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, &text)
+            .await;
+        DisconnectReason::ClientProtocolError
+    }
+
     /// Reads what the client sent, holding no buffer while waiting: an idle client costs
     /// its task and socket only. Bytes go through a scratch array into a buffer of the
     /// size actually received (one small copy per read).
@@ -239,14 +247,7 @@ async fn login(
                 Ok(Some(b)) => break b,
                 Ok(None) => {}
                 Err(e) => {
-                    client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::PROTOCOL_VIOLATION,
-                            &e.to_string(),
-                        )
-                        .await;
-                    return Err(ClientProtocolError);
+                    return Err(client.protocol_violation(&e).await);
                 }
             }
             match client.read_more().await {
@@ -287,14 +288,7 @@ async fn login(
             v if v >> 16 == 3 => match msg::parse_startup_params(&body[4..]) {
                 Ok(p) => break (v & 0xffff, p),
                 Err(e) => {
-                    client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::PROTOCOL_VIOLATION,
-                            &e.to_string(),
-                        )
-                        .await;
-                    return Err(ClientProtocolError);
+                    return Err(client.protocol_violation(&e).await);
                 }
             },
             v => {
@@ -498,14 +492,7 @@ async fn authenticate(
             let (exchange, server_first) = match ScramServer::start(&verifier, data) {
                 Ok(x) => x,
                 Err(e) => {
-                    client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::PROTOCOL_VIOLATION,
-                            &e.to_string(),
-                        )
-                        .await;
-                    return Err(ClientProtocolError);
+                    return Err(client.protocol_violation(&e).await);
                 }
             };
             msg::auth_sasl_continue(&mut client.wbuf, server_first.as_bytes());
@@ -613,14 +600,7 @@ impl Session<'_> {
                     },
                     Ok(None) => {}
                     Err(e) => {
-                        self.client
-                            .fail(
-                                Severity::Fatal,
-                                sqlstate::PROTOCOL_VIOLATION,
-                                &e.to_string(),
-                            )
-                            .await;
-                        return DisconnectReason::ClientProtocolError;
+                        return self.client.protocol_violation(&e).await;
                     }
                 }
                 if self.client.flush().await.is_err() {
@@ -652,14 +632,7 @@ impl Session<'_> {
                     Ok(true) => continue 'idle,
                     Ok(false) => {}
                     Err(e) => {
-                        self.client
-                            .fail(
-                                Severity::Fatal,
-                                sqlstate::PROTOCOL_VIOLATION,
-                                &e.to_string(),
-                            )
-                            .await;
-                        return DisconnectReason::ClientProtocolError;
+                        return self.client.protocol_violation(&e).await;
                     }
                 }
             }
