@@ -8,53 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use support::{connect, try_connect, PgCluster, Pgmux, RawConn};
+use support::{connect, try_connect, Pgmux, RawConn, TestDb};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
-struct Env {
-    cluster: PgCluster,
-    user: String,
-    password: String,
-    db: String,
-}
-
-fn env() -> Env {
-    let cluster = PgCluster::start();
-    let (user, password, db) = cluster.create_user_db("core");
-    Env {
-        cluster,
-        user,
-        password,
-        db,
-    }
-}
-
-impl Env {
-    fn database_url(&self) -> String {
-        self.cluster
-            .primary()
-            .url(&self.user, &self.password, &self.db)
-    }
-
-    fn pgmux(&self, args: &[&str]) -> Pgmux {
-        let url = self.database_url();
-        Pgmux::start(args, &[("DATABASE_URL", url.as_str())])
-    }
-
-    fn url(&self, px: &Pgmux) -> String {
-        px.url(&self.user, &self.password, &self.db)
-    }
-
-    /// As superuser, on the primary directly.
-    fn psql(&self, sql: &str) -> String {
-        self.cluster.primary().psql(&self.db, sql)
-    }
-
-    /// As the test user (so it owns what it creates), on the primary directly.
-    fn setup(&self, sql: &str) {
-        self.psql(&format!("set role \"{}\"; {sql}", self.user));
-    }
+fn env() -> TestDb {
+    TestDb::new("core")
 }
 
 fn code(e: &tokio_postgres::Error) -> Option<&SqlState> {

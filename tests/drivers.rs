@@ -22,7 +22,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{describe_output as describe, pg_tool, run_with_timeout as run, PgCluster, Pgmux};
+use support::{
+    describe_output as describe, pg_tool, run_with_timeout as run, PgCluster, Pgmux, LIBPQ_ENV,
+};
 
 /// Server connections per (database, user): far fewer than the drivers'
 /// client connections, so prepared statements must move between servers.
@@ -30,29 +32,6 @@ const POOL_SIZE: &str = "4";
 
 /// A driver script is killed after this long.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Environment variables that would change where or how libpq-based tools
-/// and drivers (psql, pgbench, psycopg) connect.
-const LIBPQ_ENV: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGOPTIONS",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGSSLMODE",
-    "PGREQUIRESSL",
-    "PGCONNECT_TIMEOUT",
-    "PGTARGETSESSIONATTRS",
-    "PGAPPNAME",
-    "PGCLIENTENCODING",
-    "PGTZ",
-    "PGDATESTYLE",
-];
 
 fn drivers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")

@@ -6,51 +6,11 @@ mod support;
 use std::time::Duration;
 
 use futures::future::join_all;
-use support::{connect, PgCluster, Pgmux, RawConn};
+use support::{connect, Pgmux, RawConn, TestDb};
 use tokio_postgres::error::SqlState;
 
-struct Env {
-    cluster: PgCluster,
-    user: String,
-    password: String,
-    db: String,
-}
-
-fn env() -> Env {
-    let cluster = PgCluster::start();
-    let (user, password, db) = cluster.create_user_db("prep");
-    Env {
-        cluster,
-        user,
-        password,
-        db,
-    }
-}
-
-impl Env {
-    fn pgmux(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Pgmux {
-        let url = self
-            .cluster
-            .primary()
-            .url(&self.user, &self.password, &self.db);
-        let mut envs = vec![("DATABASE_URL", url.as_str())];
-        envs.extend_from_slice(extra_env);
-        Pgmux::start(args, &envs)
-    }
-
-    fn url(&self, px: &Pgmux) -> String {
-        px.url(&self.user, &self.password, &self.db)
-    }
-
-    fn setup(&self, sql: &str) {
-        self.cluster
-            .primary()
-            .psql(&self.db, &format!("set role \"{}\"; {sql}", self.user));
-    }
-
-    fn raw(&self, px: &Pgmux) -> RawConn {
-        RawConn::login(px.port(), &self.user, &self.password, &self.db)
-    }
+fn env() -> TestDb {
+    TestDb::new("prep")
 }
 
 fn sqlstate(msgs: &[support::Message]) -> Option<String> {
@@ -119,7 +79,7 @@ fn first_value(msgs: &[support::Message]) -> String {
 async fn tokio_postgres_statements_move_between_servers() {
     let env = env();
     env.setup("create table kv(k int primary key, v text)");
-    let px = env.pgmux(&["--pool-size", "4"], &[]);
+    let px = env.pgmux(&["--pool-size", "4"]);
     let url = env.url(&px);
     let tasks = (0..50).map(|i: i32| {
         let url = url.clone();
@@ -170,7 +130,7 @@ async fn tokio_postgres_statements_move_between_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_protocol_statement_lifecycle() {
     let env = env();
-    let px = env.pgmux(&["--pool-size", "2"], &[]);
+    let px = env.pgmux(&["--pool-size", "2"]);
     let mut a = env.raw(&px);
     let mut b = env.raw(&px);
     // Both clients use the name "s1" for different queries.
@@ -239,7 +199,7 @@ async fn raw_protocol_statement_lifecycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_paths_in_pipelines() {
     let env = env();
-    let px = env.pgmux(&["--pool-size", "1"], &[]);
+    let px = env.pgmux(&["--pool-size", "1"]);
     let mut c = env.raw(&px);
     // Describe / Bind of an unknown statement: 26000, skip to Sync.
     let mut pkt = describe_stmt("nope");
@@ -304,7 +264,7 @@ async fn error_paths_in_pipelines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_all_and_deallocate_clear_the_clients_statements() {
     let env = env();
-    let px = env.pgmux(&["--pool-size", "1"], &[]);
+    let px = env.pgmux(&["--pool-size", "1"]);
     let mut c = env.raw(&px);
     let mut pkt = parse("a", "select 'a'::text");
     pkt.extend(parse("b", "select 'b'::text"));
@@ -365,7 +325,7 @@ async fn discard_all_and_deallocate_clear_the_clients_statements() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_statement_cache_evicts_and_re_prepares() {
     let env = env();
-    let px = env.pgmux(
+    let px = env.pgmux_env(
         &["--pool-size", "1"],
         &[("PGMUX_MAX_PREPARED_STATEMENTS", "3")],
     );
@@ -394,7 +354,7 @@ async fn small_statement_cache_evicts_and_re_prepares() {
 async fn changed_result_type_after_ddl_is_no_worse_than_direct() {
     let env = env();
     env.setup("create table t(a int); insert into t values (1)");
-    let px = env.pgmux(&["--pool-size", "1"], &[]);
+    let px = env.pgmux(&["--pool-size", "1"]);
     let c = connect(&env.url(&px)).await;
     let s = c.prepare("select * from t").await.unwrap();
     assert_eq!(c.query(&s, &[]).await.unwrap().len(), 1);
@@ -416,7 +376,7 @@ async fn changed_result_type_after_ddl_is_no_worse_than_direct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_statements_with_flush_instead_of_sync() {
     let env = env();
-    let px = env.pgmux(&["--pool-size", "2"], &[]);
+    let px = env.pgmux(&["--pool-size", "2"]);
     let mut a = env.raw(&px);
     let mut b = env.raw(&px);
     // a prepares "q" and keeps its server busy inside a transaction.

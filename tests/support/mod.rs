@@ -73,9 +73,10 @@ host    all           postgres  127.0.0.1/32  trust
 host    all           all       127.0.0.1/32  scram-sha-256
 ";
 
-/// Environment variables that would leak into PostgreSQL client tools
-/// (psql, pg_basebackup, pgbench) and change where/how they connect.
-const LIBPQ_ENV: &[&str] = &[
+/// Environment variables that would leak into PostgreSQL client tools and
+/// drivers (psql, pg_basebackup, pgbench, psycopg) and change where/how they
+/// connect.
+pub const LIBPQ_ENV: &[&str] = &[
     "PGHOST",
     "PGHOSTADDR",
     "PGPORT",
@@ -91,6 +92,9 @@ const LIBPQ_ENV: &[&str] = &[
     "PGCONNECT_TIMEOUT",
     "PGTARGETSESSIONATTRS",
     "PGAPPNAME",
+    "PGCLIENTENCODING",
+    "PGTZ",
+    "PGDATESTYLE",
     "PGDATA",
 ];
 
@@ -1402,4 +1406,69 @@ pub fn describe_output(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+// ---------------------------------------------------------------------------
+// TestDb: a cluster with one user and database, and pgmux in front of it
+// ---------------------------------------------------------------------------
+
+/// A fresh primary with one LOGIN role owning one database: what most tests start from.
+pub struct TestDb {
+    pub cluster: PgCluster,
+    pub user: String,
+    pub password: String,
+    pub db: String,
+}
+
+impl TestDb {
+    pub fn new(prefix: &str) -> TestDb {
+        let cluster = PgCluster::start();
+        let (user, password, db) = cluster.create_user_db(prefix);
+        TestDb {
+            cluster,
+            user,
+            password,
+            db,
+        }
+    }
+
+    /// The primary's URL for the test user.
+    pub fn database_url(&self) -> String {
+        self.cluster
+            .primary()
+            .url(&self.user, &self.password, &self.db)
+    }
+
+    /// pgmux with DATABASE_URL pointing at the primary.
+    pub fn pgmux(&self, args: &[&str]) -> Pgmux {
+        self.pgmux_env(args, &[])
+    }
+
+    /// Like [`TestDb::pgmux`], with extra environment variables.
+    pub fn pgmux_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Pgmux {
+        let url = self.database_url();
+        let mut envs = vec![("DATABASE_URL", url.as_str())];
+        envs.extend_from_slice(extra_env);
+        Pgmux::start(args, &envs)
+    }
+
+    /// The URL of `px` for the test user and database.
+    pub fn url(&self, px: &Pgmux) -> String {
+        px.url(&self.user, &self.password, &self.db)
+    }
+
+    /// As superuser, on the primary directly.
+    pub fn psql(&self, sql: &str) -> String {
+        self.cluster.primary().psql(&self.db, sql)
+    }
+
+    /// As the test user (so it owns what it creates), on the primary directly.
+    pub fn setup(&self, sql: &str) {
+        self.psql(&format!("set role \"{}\"; {sql}", self.user));
+    }
+
+    /// A raw protocol connection to `px`, logged in as the test user.
+    pub fn raw(&self, px: &Pgmux) -> RawConn {
+        RawConn::login(px.port(), &self.user, &self.password, &self.db)
+    }
 }
