@@ -536,27 +536,21 @@ pub fn scan_server(
         if server.buf.len() - pos < total {
             break;
         }
-        let swallow = {
-            let Server {
-                buf,
-                expect,
-                skipping,
-                copy_in,
-                statements: backend_statements,
-                params: server_params,
-                status,
-                ..
-            } = &mut *server;
-            let parts = Parts {
-                expect,
-                skipping,
-                copy_in,
-                statements: backend_statements,
-                params: server_params,
-                status,
-            };
-            on_message(parts, tag, &buf[pos + 5..pos + total], params, statements)?
+        let parts = Parts {
+            expect: &mut server.expect,
+            skipping: &mut server.skipping,
+            copy_in: &mut server.copy_in,
+            statements: &mut server.statements,
+            params: &mut server.params,
+            status: &mut server.status,
         };
+        let swallow = on_message(
+            parts,
+            tag,
+            &server.buf[pos + 5..pos + total],
+            params,
+            statements,
+        )?;
         if swallow {
             append(out, server.buf.split_to(pos));
             server.buf.advance(total);
