@@ -27,6 +27,7 @@ use crate::prepared::ServerStatements;
 use crate::protocol::frame::split_frame;
 use crate::protocol::messages::{self, ErrorFields};
 use crate::protocol::{ProtocolError, CANCEL_REQUEST, PROTOCOL_V3};
+use crate::sockio;
 
 /// Largest message accepted from a server during login.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
@@ -65,68 +66,28 @@ impl ServerStream {
     }
 }
 
-/// Borrowed read half of a [`ServerStream`].
-pub enum ServerRead<'a> {
-    Tcp(tokio::net::tcp::ReadHalf<'a>),
-    Unix(tokio::net::unix::ReadHalf<'a>),
-}
-
-/// Borrowed write half of a [`ServerStream`].
-pub enum ServerWrite<'a> {
-    Tcp(tokio::net::tcp::WriteHalf<'a>),
-    Unix(tokio::net::unix::WriteHalf<'a>),
-}
-
 impl ServerStream {
-    /// Splits into halves that can be read and written concurrently (no locking).
-    pub fn split(&mut self) -> (ServerRead<'_>, ServerWrite<'_>) {
-        match self {
-            ServerStream::Tcp(s) => {
-                let (r, w) = s.split();
-                (ServerRead::Tcp(r), ServerWrite::Tcp(w))
-            }
-            ServerStream::Unix(s) => {
-                let (r, w) = s.split();
-                (ServerRead::Unix(r), ServerWrite::Unix(w))
-            }
-        }
-    }
-}
-
-impl AsyncRead for ServerRead<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+    /// See [`sockio::poll_read_drain`].
+    pub fn poll_read_drain(
+        &self,
+        buf: &mut BytesMut,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerRead::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ServerRead::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerWrite<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            ServerWrite::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match self {
+            ServerStream::Tcp(s) => sockio::poll_read_drain(s, buf, cx),
+            ServerStream::Unix(s) => sockio::poll_read_drain(s, buf, cx),
         }
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_flush(cx),
-            ServerWrite::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            ServerWrite::Unix(s) => Pin::new(s).poll_shutdown(cx),
+
+    /// See [`sockio::poll_write_buf`].
+    pub fn poll_write_buf(
+        &self,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            ServerStream::Tcp(s) => sockio::poll_write_buf(s, buf, cx),
+            ServerStream::Unix(s) => sockio::poll_write_buf(s, buf, cx),
         }
     }
 }

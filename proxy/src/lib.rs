@@ -23,6 +23,7 @@ pub mod prepared;
 pub mod protocol;
 pub mod relay;
 pub mod session;
+pub mod sockio;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

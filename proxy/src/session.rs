@@ -18,6 +18,7 @@
 //! for); what each message means for the server's state, and the rewriting of named
 //! prepared statements, is in [`crate::relay`].
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use pgmux_config::{AuthType, Config};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{self, ScramServer};
@@ -38,6 +39,7 @@ use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_pack
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
+use crate::sockio;
 use crate::Shared;
 
 /// Largest authentication message accepted from a client (long enough for IAM tokens).
@@ -119,18 +121,7 @@ impl Client {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
         }
-        loop {
-            self.stream.readable().await?;
-            let mut scratch = [0u8; 8192];
-            match self.stream.try_read(&mut scratch) {
-                Ok(n) => {
-                    self.rbuf.extend_from_slice(&scratch[..n]);
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        sockio::read_drain_small(&self.stream, &mut self.rbuf).await
     }
 
     async fn read_frame(&mut self, max: usize) -> Result<Option<Frame>, ProtocolError> {
@@ -755,24 +746,26 @@ impl Session<'_> {
                 ClientWrite(std::io::Result<usize>),
             }
             let ev = {
-                let (mut cr, mut cw) = client.stream.split();
-                let (mut sr, mut sw) = server.stream.split();
+                let cs = &client.stream;
+                let (rbuf, wbuf) = (&mut client.rbuf, &mut client.wbuf);
+                let ss = &server.stream;
+                let sbuf = &mut server.buf;
+                let can_read_client =
+                    !client_done && rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT;
+                let can_read_server = wbuf.len() < OUT_LIMIT;
+                let to_server = &mut *to_server;
                 tokio::select! {
-                    r = cr.read_buf(&mut client.rbuf), if !client_done && client.rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT => Ev::ClientRead(r),
-                    r = sr.read_buf(&mut server.buf), if client.wbuf.len() < OUT_LIMIT => Ev::ServerRead(r),
-                    r = sw.write_buf(to_server), if !to_server.is_empty() => Ev::ServerWrite(r),
-                    r = cw.write_buf(&mut client.wbuf), if !client.wbuf.is_empty() => Ev::ClientWrite(r),
+                    r = poll_fn(|cx| sockio::poll_read_drain(cs, rbuf, cx)), if can_read_client => Ev::ClientRead(r),
+                    r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
+                    r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
+                    r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() => Ev::ClientWrite(r),
                 }
             };
             match ev {
                 Ev::ClientRead(Ok(0) | Err(_)) => {
                     return LinkEnd::Ended(DisconnectReason::ClientClosed)
                 }
-                Ev::ClientRead(Ok(_)) => {
-                    if client.rbuf.capacity() - client.rbuf.len() < 1024 {
-                        client.rbuf.reserve(8192);
-                    }
-                }
+                Ev::ClientRead(Ok(_)) => {}
                 Ev::ServerRead(Ok(0) | Err(_)) | Ev::ServerWrite(Err(_)) => {
                     server.dirty = true;
                     client
@@ -799,9 +792,6 @@ impl Session<'_> {
                                 .await;
                             return LinkEnd::Ended(DisconnectReason::ServerClosed);
                         }
-                    }
-                    if server.buf.capacity() - server.buf.len() < 1024 {
-                        server.buf.reserve(8192);
                     }
                 }
                 // Drop emptied buffers that share memory with the other side's read buffer,
