@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
 """Connects N clients at once with SCRAM-SHA-256 and reports how long until all are ready,
-plus the pooler's CPU time for those logins.
+how many were refused, plus the pooler's CPU time for those logins.
 
 Usage: benches/scram_logins.py --port 6432 --pid PID --user bench --password pw --db bench
-                              [--clients 1000]
+                              [--clients 1000] [--timeout 120]
+
+Prints one line:
+  clients=N ok=N failed=N all_ready_s=S pooler_cpu_s=S pooler_cpu_per_login_us=US
+  distinct_salts=N [first_error=...]
+all_ready_s is the time from the first connect until every login has finished (succeeded,
+been refused or timed out). Exit status 0 when the measurement ran (even with refused
+logins: see failed=), 1 when the warm-up login already fails.
 
 The client side derives SaltedPassword once per (salt, iterations) and caches it, so the
 measurement is the pooler's cost, not the benchmark client's: a pooler that keeps one salt
 per user (pgmux) lets every login after the first skip PBKDF2; one that draws a new salt
 per login (PgBouncer with a plain-text auth_file) makes the client derive every time, and
 the client's time is included in the wall clock as it would be for real clients.
+
+`login()` is also used by benches/idle_clients.py (--password).
 """
 import argparse
 import asyncio
@@ -18,6 +27,7 @@ import hashlib
 import hmac
 import os
 import struct
+import sys
 import time
 
 CACHE = {}
@@ -40,44 +50,72 @@ async def read_msg(reader):
     return tag, await reader.readexactly(length - 4)
 
 
-async def login(port, user, password, db):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+def startup(user, db):
     body = struct.pack("!i", 196608)
     for k, v in (("user", user), ("database", db)):
         body += k.encode() + b"\0" + v.encode() + b"\0"
-    writer.write(struct.pack("!i", len(body) + 5) + body + b"\0")
-    nonce = base64.b64encode(os.urandom(18)).decode()
-    first_bare = f"n=,r={nonce}"
-    auth_message = None
-    salted = None
-    while True:
-        tag, body = await read_msg(reader)
-        if tag == b"E":
-            raise RuntimeError(body)
-        if tag == b"R":
-            (code,) = struct.unpack("!i", body[:4])
-            if code == 10:
-                first = ("n,," + first_bare).encode()
-                payload = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
-                writer.write(msg(b"p", payload))
-            elif code == 11:
-                server_first = body[4:].decode()
-                attrs = dict(a.split("=", 1) for a in server_first.split(","))
-                salt, iters = base64.b64decode(attrs["s"]), int(attrs["i"])
-                key = (salt, iters)
-                if key not in CACHE:
-                    CACHE[key] = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iters)
-                salted = CACHE[key]
-                final_wo_proof = f"c=biws,r={attrs['r']}"
-                auth_message = f"{first_bare},{server_first},{final_wo_proof}".encode()
-                client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-                stored = hashlib.sha256(client_key).digest()
-                sig = hmac.new(stored, auth_message, "sha256").digest()
-                proof = bytes(a ^ b for a, b in zip(client_key, sig))
-                final = f"{final_wo_proof},p={base64.b64encode(proof).decode()}"
-                writer.write(msg(b"p", final.encode()))
-        if tag == b"Z":
-            return reader, writer
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def error_text(body):
+    """Human-readable ErrorResponse: severity, SQLSTATE and message fields."""
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode(errors="replace")
+    return " ".join(v for v in (fields.get("S"), fields.get("C"), fields.get("M")) if v)
+
+
+async def login(port, user, password, db, host="127.0.0.1"):
+    """Logs in (trust, or SCRAM-SHA-256 when password is not None); returns (reader, writer)
+    once ReadyForQuery arrived. Raises RuntimeError on an ErrorResponse or another method."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(startup(user, db))
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n=,r={nonce}"
+        while True:
+            tag, body = await read_msg(reader)
+            if tag == b"E":
+                raise RuntimeError(error_text(body))
+            if tag == b"R":
+                (code,) = struct.unpack("!i", body[:4])
+                if code == 0:
+                    continue
+                if password is None:
+                    raise RuntimeError(f"server asked for authentication (code {code}); pass --password")
+                if code == 10:
+                    if b"SCRAM-SHA-256\0" not in body[4:]:
+                        raise RuntimeError(f"no SCRAM-SHA-256 among {body[4:]!r}")
+                    first = ("n,," + first_bare).encode()
+                    payload = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+                    writer.write(msg(b"p", payload))
+                elif code == 11:
+                    server_first = body[4:].decode()
+                    attrs = dict(a.split("=", 1) for a in server_first.split(","))
+                    salt, iters = base64.b64decode(attrs["s"]), int(attrs["i"])
+                    key = (salt, iters)
+                    if key not in CACHE:
+                        CACHE[key] = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iters)
+                    salted = CACHE[key]
+                    final_wo_proof = f"c=biws,r={attrs['r']}"
+                    auth_message = f"{first_bare},{server_first},{final_wo_proof}".encode()
+                    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+                    stored = hashlib.sha256(client_key).digest()
+                    sig = hmac.new(stored, auth_message, "sha256").digest()
+                    proof = bytes(a ^ b for a, b in zip(client_key, sig))
+                    final = f"{final_wo_proof},p={base64.b64encode(proof).decode()}"
+                    writer.write(msg(b"p", final.encode()))
+                elif code == 12:
+                    continue  # SASLFinal: server signature (not verified: benchmark only)
+                else:
+                    raise RuntimeError(f"unsupported authentication request {code}")
+            if tag == b"Z":
+                return reader, writer
+    except BaseException:
+        writer.close()
+        raise
 
 
 async def main():
@@ -88,18 +126,35 @@ async def main():
     ap.add_argument("--user", required=True)
     ap.add_argument("--password", required=True)
     ap.add_argument("--db", required=True)
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds after which an unfinished login counts as failed")
     a = ap.parse_args()
     # Warm-up login: the pool's first server connection is not part of the measurement.
-    r, w = await login(a.port, a.user, a.password, a.db)
+    try:
+        r, w = await asyncio.wait_for(login(a.port, a.user, a.password, a.db), a.timeout)
+    except Exception as e:  # noqa: BLE001
+        print(f"warm-up login failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     w.close()
     cpu0, t0 = cpu_seconds(a.pid), time.monotonic()
-    conns = await asyncio.gather(*(login(a.port, a.user, a.password, a.db) for _ in range(a.clients)))
+    results = await asyncio.gather(
+        *(asyncio.wait_for(login(a.port, a.user, a.password, a.db), a.timeout) for _ in range(a.clients)),
+        return_exceptions=True)
     wall = time.monotonic() - t0
     cpu = cpu_seconds(a.pid) - cpu0
-    print(f"clients={len(conns)} all_ready_s={wall:.3f} pooler_cpu_s={cpu:.3f} "
-          f"pooler_cpu_per_login_us={cpu / len(conns) * 1e6:.0f} distinct_salts={len(CACHE)}")
+    conns = [x for x in results if not isinstance(x, BaseException)]
+    errors = [x for x in results if isinstance(x, BaseException)]
+    line = (f"clients={a.clients} ok={len(conns)} failed={len(errors)} all_ready_s={wall:.3f} "
+            f"pooler_cpu_s={cpu:.3f} pooler_cpu_per_login_us={cpu / max(len(conns), 1) * 1e6:.0f} "
+            f"distinct_salts={len(CACHE)}")
+    if errors:
+        e = errors[0]
+        line += f" first_error={type(e).__name__}:{str(e)[:120]!r}"
+    print(line)
     for _, w in conns:
         w.close()
+    return 0
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
