@@ -12,8 +12,8 @@ use std::{ops::Range, path::Path};
 
 use crate::{
     pgurl,
-    scalar::{parse_usize, Raw, Scalars, Sourced, SCALAR_KEYS},
-    ConfigError, DbLayer, FileLayer, Origin, Secret, UserLayer,
+    scalar::{parse_read_routing, parse_usize, Raw, Scalars, Sourced, SCALAR_KEYS},
+    ConfigError, DbLayer, FileLayer, Origin, ReadRouting, Secret, UserLayer,
 };
 
 /// (key, key span, value).
@@ -48,11 +48,20 @@ impl Node {
 }
 
 impl Val {
+    /// The value as a [`Raw`]; an array is a type error here (see [`Val::raw_items`]).
     fn raw(&self) -> Raw<'_> {
         match self {
             Val::Str(s) => Raw::Str(s),
             Val::Int(i) => Raw::Int(*i),
             other => Raw::Other(describe(other)),
+        }
+    }
+
+    /// For an array, its items as [`Raw`]s (to be passed as [`Raw::Array`]); `None` otherwise.
+    fn raw_items(&self) -> Option<Vec<Raw<'_>>> {
+        match self {
+            Val::Array(items) => Some(items.iter().map(|n| n.get_ref().raw()).collect()),
+            _ => None,
         }
     }
 }
@@ -183,6 +192,10 @@ impl Ctx<'_> {
         Ok(Sourced::new(n, key, self.origin(v.span())))
     }
 
+    fn read_routing(&self, key: &str, v: &Node) -> Result<ReadRouting, ConfigError> {
+        parse_read_routing(v.get_ref().raw()).map_err(|m| self.err(key, v.span(), m))
+    }
+
     fn url(
         &self,
         key: &str,
@@ -257,7 +270,12 @@ pub(crate) fn parse(
                 }
             }
             k if SCALAR_KEYS.contains(&k) => {
-                scalars.set(key, v.get_ref().raw(), ctx.origin(v.span()))?;
+                let items = v.get_ref().raw_items();
+                let raw = match &items {
+                    Some(items) => Raw::Array(items),
+                    None => v.get_ref().raw(),
+                };
+                scalars.set(key, raw, ctx.origin(v.span()))?;
             }
             _ => {
                 return Err(ctx.err(
@@ -284,6 +302,7 @@ fn parse_db(
     let mut primary = None;
     let mut replicas = Vec::new();
     let mut pool_size = None;
+    let mut read_routing = None;
     for (k, ks, v) in ctx.table(db_key, v)? {
         let key = format!("{db_key}.{}", k);
         match k.as_str() {
@@ -301,11 +320,12 @@ fn parse_db(
                 }
             }
             "pool_size" => pool_size = Some(ctx.usize(&key, v)?),
+            "read_routing" => read_routing = Some(ctx.read_routing(&key, v)?),
             _ => {
                 return Err(ctx.err(
                     &key,
                     ks.clone(),
-                    "unknown key (expected one of: url, replicas, pool_size)",
+                    "unknown key (expected one of: url, replicas, pool_size, read_routing)",
                 ))
             }
         }
@@ -321,6 +341,7 @@ fn parse_db(
         primary,
         replicas,
         pool_size,
+        read_routing,
     })
 }
 
@@ -328,6 +349,7 @@ fn parse_user(ctx: &Ctx<'_>, user_key: &str, v: &Node) -> Result<UserLayer, Conf
     let mut u = UserLayer {
         password: None,
         pool_size: None,
+        read_routing: None,
     };
     for (k, ks, v) in ctx.table(user_key, v)? {
         let key = format!("{user_key}.{}", k);
@@ -348,11 +370,12 @@ fn parse_user(ctx: &Ctx<'_>, user_key: &str, v: &Node) -> Result<UserLayer, Conf
                 ));
             }
             "pool_size" => u.pool_size = Some(ctx.usize(&key, v)?),
+            "read_routing" => u.read_routing = Some(ctx.read_routing(&key, v)?),
             _ => {
                 return Err(ctx.err(
                     &key,
                     ks.clone(),
-                    "unknown key (expected one of: password, pool_size)",
+                    "unknown key (expected one of: password, pool_size, read_routing)",
                 ))
             }
         }

@@ -7,11 +7,12 @@
 //! 1. **parse** — every source is parsed into a *layer* of optional values, each
 //!    tagged with the key it came from and its [`Origin`] (file + 1-based line,
 //!    environment variable, or flag). Type errors (not an integer, bad duration,
-//!    bad URL, unknown key, ...) are reported here.
+//!    bad URL, bad function name, unknown key, ...) are reported here.
 //! 2. **layer** — built-in defaults < TOML file < environment < command-line
 //!    flags; a later source replaces the value of an earlier one.
 //! 3. **validate** — range checks (`pool_size >= 1`, `max_message_size` bounds,
-//!    at least one database, ...) run on the *layered* values, so an invalid file
+//!    `max_replica_lag > 0`, `replica_check_interval` bounds, at least one
+//!    database, ...) run on the *layered* values, so an invalid file
 //!    value that is overridden by the environment is not an error. Errors name the
 //!    key and the origin of the value that actually won.
 //!
@@ -22,7 +23,10 @@
 //! * Passwords are wrapped in [`Secret`] and never appear in `Debug`, `Display`,
 //!   error messages or [`Config::to_redacted_toml`].
 //! * A successfully loaded [`Config`] has at least one database, every pool size
-//!   is `>= 1`, and `max_message_size` is within `1024 ..= 1 GiB`.
+//!   is `>= 1`, `max_message_size` is within `1024 ..= 1 GiB`, `max_replica_lag`
+//!   is `> 0`, `replica_check_interval` is within `10ms ..= 60s`, and every
+//!   `write_functions` entry is non-empty, trimmed, lowercase and made only of
+//!   `[a-z0-9_.$]` (no empty part between dots).
 //! * `listen` must be an IP socket address (`"0.0.0.0:6432"`, `"[::]:6432"`);
 //!   the single host name `localhost` is accepted and mapped to `127.0.0.1`.
 //!   No DNS resolution is performed.
@@ -30,9 +34,17 @@
 //!   (PostgreSQL convention), or plain integer bytes.
 //! * Durations: humantime strings (`"30s"`, `"5m"`, `"250ms"`) or a plain
 //!   integer number of seconds (also as a string, e.g. in environment variables).
+//! * Lists (`write_functions`): a TOML array of strings, or one comma-separated
+//!   string (the only form an environment variable can take; also accepted in
+//!   the file). Every item is checked; an empty item is an error.
+//! * Read routing: `read_routing` can be set globally, per database
+//!   (`[databases.NAME]`) and per user (`[users.NAME]`); the per-user setting
+//!   wins over the per-database one, which wins over the global one (see
+//!   [`Config::read_routing_for`]).
 //! * `DATABASE_URL` replaces the primary of the database named by the URL's
 //!   database name; that database's replicas from the file are dropped (they
-//!   belong to the replaced server) while its `pool_size` override is kept.
+//!   belong to the replaced server) while its `pool_size` and `read_routing`
+//!   overrides are kept.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -91,6 +103,22 @@ pub struct Config {
     /// Named prepared statements kept per server connection (LRU); default 500,
     /// 0 disables statement tracking (named statements then pass through untouched).
     pub max_prepared_statements: usize,
+    /// Global read routing; default [`ReadRouting::Auto`]. Overridden per database
+    /// and per user, see [`Config::read_routing_for`].
+    pub read_routing: ReadRouting,
+    /// Scope of read-your-writes after a write commits; default [`ReadYourWrites::User`].
+    pub read_your_writes: ReadYourWrites,
+    /// A replica whose replay lags the primary by more than this is taken out of
+    /// rotation until it catches up; default 10s, `> 0`.
+    pub max_replica_lag: Duration,
+    /// How often each replica's health and replay position (and the primary's WAL
+    /// position) are sampled; default 100ms, `10ms ..= 60s`.
+    pub replica_check_interval: Duration,
+    /// Extra functions that write or take locks, so that a `SELECT` calling one of
+    /// them goes to the primary; added to the router's built-in list. Trimmed and
+    /// lowercased, each made of `[a-z0-9_.$]` (`"app.bump_counter"` may be
+    /// schema-qualified); default empty.
+    pub write_functions: Vec<String>,
     /// Key = the database name clients ask for.
     pub databases: BTreeMap<String, Database>,
     /// Key = user name.
@@ -134,6 +162,95 @@ impl fmt::Display for AuthType {
     }
 }
 
+/// Where the transactions of a database or user may run, when the database has replicas.
+///
+/// Set globally (`read_routing`), per database and per user; see
+/// [`Config::read_routing_for`] for which one applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadRouting {
+    /// `"auto"` (default): transactions that are provably read-only go to a healthy
+    /// replica; everything else goes to the primary.
+    #[default]
+    Auto,
+    /// `"primary_only"`: never use replicas.
+    PrimaryOnly,
+    /// `"replica_only"`: every transaction of this database/user goes to a replica
+    /// when one is healthy, else to the primary. Meant for read-only reporting users
+    /// (a write sent this way fails: replicas are read-only).
+    ReplicaOnly,
+}
+
+impl ReadRouting {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadRouting::Auto => "auto",
+            ReadRouting::PrimaryOnly => "primary_only",
+            ReadRouting::ReplicaOnly => "replica_only",
+        }
+    }
+
+    /// Parse the configuration spelling (surrounding whitespace and case ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(ReadRouting::Auto),
+            "primary_only" => Some(ReadRouting::PrimaryOnly),
+            "replica_only" => Some(ReadRouting::ReplicaOnly),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ReadRouting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Read-your-writes scope: after a write transaction of the scope commits on the
+/// primary, that scope's reads go to the primary until a replica has replayed past
+/// the commit (its WAL position), so the scope never reads data older than its own
+/// writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadYourWrites {
+    /// `"user"` (default): a write by any client connection of a user sends that
+    /// user's reads (on every connection) to the primary until a replica catches up.
+    #[default]
+    User,
+    /// `"client"`: only the client connection that wrote has its reads kept on the
+    /// primary until a replica catches up.
+    Client,
+    /// `"off"`: no tracking; a read right after a write may not see it.
+    Off,
+}
+
+impl ReadYourWrites {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadYourWrites::User => "user",
+            ReadYourWrites::Client => "client",
+            ReadYourWrites::Off => "off",
+        }
+    }
+
+    /// Parse the configuration spelling (surrounding whitespace and case ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "user" => Some(ReadYourWrites::User),
+            "client" => Some(ReadYourWrites::Client),
+            "off" => Some(ReadYourWrites::Off),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ReadYourWrites {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A logical database clients can connect to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Database {
@@ -145,6 +262,8 @@ pub struct Database {
     pub replicas: Vec<ServerAddr>,
     /// Per-database pool size override, `>= 1`.
     pub pool_size: Option<usize>,
+    /// Per-database read routing override (a per-user one wins over it).
+    pub read_routing: Option<ReadRouting>,
 }
 
 /// A user known to the proxy.
@@ -156,6 +275,8 @@ pub struct User {
     pub password: Option<Secret>,
     /// Per-user pool size override, `>= 1`.
     pub pool_size: Option<usize>,
+    /// Per-user read routing override (wins over the per-database one).
+    pub read_routing: Option<ReadRouting>,
 }
 
 /// A PostgreSQL server endpoint.
@@ -278,6 +399,14 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 /// Largest accepted `max_message_size` (1 GiB).
 pub const MAX_MAX_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
+/// Default `max_replica_lag` (10s).
+pub const DEFAULT_MAX_REPLICA_LAG: Duration = Duration::from_secs(10);
+/// Default `replica_check_interval` (100ms).
+pub const DEFAULT_REPLICA_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Smallest accepted `replica_check_interval` (10ms).
+pub const MIN_REPLICA_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+/// Largest accepted `replica_check_interval` (60s).
+pub const MAX_REPLICA_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Default for Config {
     /// Built-in defaults with no databases or users (not a valid config by itself).
@@ -295,6 +424,11 @@ impl Default for Config {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
+            read_routing: ReadRouting::Auto,
+            read_your_writes: ReadYourWrites::User,
+            max_replica_lag: DEFAULT_MAX_REPLICA_LAG,
+            replica_check_interval: DEFAULT_REPLICA_CHECK_INTERVAL,
+            write_functions: Vec::new(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -309,6 +443,18 @@ impl Config {
             .and_then(|d| d.pool_size)
             .or_else(|| self.users.get(user).and_then(|u| u.pool_size))
             .unwrap_or(self.pool_size)
+    }
+
+    /// Effective read routing for (database, user): user override > database override >
+    /// global `read_routing`. (Unlike [`Config::pool_size_for`], the user wins: a
+    /// reporting user can be sent to replicas, or an admin kept on the primary, in
+    /// every database.)
+    pub fn read_routing_for(&self, database: &str, user: &str) -> ReadRouting {
+        self.users
+            .get(user)
+            .and_then(|u| u.read_routing)
+            .or_else(|| self.databases.get(database).and_then(|d| d.read_routing))
+            .unwrap_or(self.read_routing)
     }
 
     /// Effective configuration as TOML with every password replaced by "<redacted>"
@@ -333,6 +479,11 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
     ("PGMUX_WORKERS", "workers"),
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),
+    ("PGMUX_READ_ROUTING", "read_routing"),
+    ("PGMUX_READ_YOUR_WRITES", "read_your_writes"),
+    ("PGMUX_MAX_REPLICA_LAG", "max_replica_lag"),
+    ("PGMUX_REPLICA_CHECK_INTERVAL", "replica_check_interval"),
+    ("PGMUX_WRITE_FUNCTIONS", "write_functions"),
 ];
 
 /// One database as seen by the layering stage.
@@ -341,6 +492,7 @@ pub(crate) struct DbLayer {
     pub(crate) primary: Sourced<ParsedUrl>,
     pub(crate) replicas: Vec<Sourced<ParsedUrl>>,
     pub(crate) pool_size: Option<Sourced<usize>>,
+    pub(crate) read_routing: Option<ReadRouting>,
 }
 
 /// One user as seen by the layering stage.
@@ -348,6 +500,7 @@ pub(crate) struct DbLayer {
 pub(crate) struct UserLayer {
     pub(crate) password: Option<Sourced<Secret>>,
     pub(crate) pool_size: Option<Sourced<usize>>,
+    pub(crate) read_routing: Option<ReadRouting>,
 }
 
 /// Everything the file contributes.
@@ -438,6 +591,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
                         primary,
                         replicas: Vec::new(),
                         pool_size: None,
+                        read_routing: None,
                     },
                 );
             }
@@ -507,6 +661,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
             let entry = users.entry(user.clone()).or_insert(UserLayer {
                 password: None,
                 pool_size: None,
+                read_routing: None,
             });
             let Some(pw) = &url.value.password else {
                 return Ok(());
@@ -538,6 +693,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
                 primary: db.primary.value.addr,
                 replicas: db.replicas.into_iter().map(|r| r.value.addr).collect(),
                 pool_size,
+                read_routing: db.read_routing,
             },
         );
     }
@@ -547,6 +703,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
         UserLayer {
             password,
             pool_size,
+            read_routing,
         },
     ) in users
     {
@@ -560,6 +717,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
                 name,
                 password: password.map(|p| p.value),
                 pool_size,
+                read_routing,
             },
         );
     }

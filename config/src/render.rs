@@ -86,6 +86,28 @@ pub(crate) fn redacted_toml(c: &Config) -> String {
         "max_prepared_statements".into(),
         int(c.max_prepared_statements),
     );
+    root.insert(
+        "read_routing".into(),
+        Value::String(c.read_routing.as_str().into()),
+    );
+    root.insert(
+        "read_your_writes".into(),
+        Value::String(c.read_your_writes.as_str().into()),
+    );
+    root.insert("max_replica_lag".into(), duration(c.max_replica_lag));
+    root.insert(
+        "replica_check_interval".into(),
+        duration(c.replica_check_interval),
+    );
+    root.insert(
+        "write_functions".into(),
+        Value::Array(
+            c.write_functions
+                .iter()
+                .map(|f| Value::String(f.clone()))
+                .collect(),
+        ),
+    );
 
     let mut dbs = Table::new();
     for (name, db) in &c.databases {
@@ -105,6 +127,9 @@ pub(crate) fn redacted_toml(c: &Config) -> String {
         if let Some(p) = db.pool_size {
             t.insert("pool_size".into(), int(p));
         }
+        if let Some(r) = db.read_routing {
+            t.insert("read_routing".into(), Value::String(r.as_str().into()));
+        }
         dbs.insert(name.clone(), Value::Table(t));
     }
     root.insert("databases".into(), Value::Table(dbs));
@@ -117,6 +142,9 @@ pub(crate) fn redacted_toml(c: &Config) -> String {
         }
         if let Some(p) = u.pool_size {
             t.insert("pool_size".into(), int(p));
+        }
+        if let Some(r) = u.read_routing {
+            t.insert("read_routing".into(), Value::String(r.as_str().into()));
         }
         users.insert(name.clone(), Value::Table(t));
     }

@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{AuthType, Config, ConfigError, Origin, MAX_MAX_MESSAGE_SIZE, MIN_MAX_MESSAGE_SIZE};
+use crate::{
+    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, MAX_MAX_MESSAGE_SIZE,
+    MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE, MIN_REPLICA_CHECK_INTERVAL,
+};
 
 /// A value plus the key and origin it came from.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ impl Sourced<usize> {
 pub(crate) enum Raw<'a> {
     Str(&'a str),
     Int(i64),
+    /// A TOML array (its items); only list keys accept it.
+    Array(&'a [Raw<'a>]),
     /// Any other TOML type (its name), always a type error.
     Other(&'static str),
 }
@@ -50,6 +55,7 @@ impl Raw<'_> {
         match self {
             Raw::Str(s) => format!("string {s:?}"),
             Raw::Int(i) => format!("integer {i}"),
+            Raw::Array(_) => "an array".to_string(),
             Raw::Other(t) => (*t).to_string(),
         }
     }
@@ -70,6 +76,11 @@ pub(crate) struct Scalars {
     max_message_size: Option<Sourced<usize>>,
     workers: Option<Sourced<usize>>,
     max_prepared_statements: Option<Sourced<usize>>,
+    read_routing: Option<Sourced<ReadRouting>>,
+    read_your_writes: Option<Sourced<ReadYourWrites>>,
+    max_replica_lag: Option<Sourced<Duration>>,
+    replica_check_interval: Option<Sourced<Duration>>,
+    write_functions: Option<Sourced<Vec<String>>>,
 }
 
 /// All top-level scalar key names.
@@ -86,6 +97,11 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "max_message_size",
     "workers",
     "max_prepared_statements",
+    "read_routing",
+    "read_your_writes",
+    "max_replica_lag",
+    "replica_check_interval",
+    "write_functions",
 ];
 
 impl Scalars {
@@ -128,11 +144,20 @@ impl Scalars {
                 };
                 self.auth_type = Some(Sourced::new(v.map_err(err)?, key, origin.clone()));
             }
+            "read_routing" => self.read_routing = wrap(parse_read_routing(raw), key, &origin)?,
+            "read_your_writes" => {
+                self.read_your_writes = wrap(parse_read_your_writes(raw), key, &origin)?
+            }
+            "write_functions" => {
+                self.write_functions = wrap(parse_function_names(raw), key, &origin)?
+            }
             "query_wait_timeout"
             | "server_connect_timeout"
             | "client_login_timeout"
             | "shutdown_timeout"
-            | "server_idle_timeout" => {
+            | "server_idle_timeout"
+            | "max_replica_lag"
+            | "replica_check_interval" => {
                 let d = Some(Sourced::new(
                     parse_duration(raw).map_err(err)?,
                     key,
@@ -143,6 +168,8 @@ impl Scalars {
                     "server_connect_timeout" => self.server_connect_timeout = d,
                     "client_login_timeout" => self.client_login_timeout = d,
                     "shutdown_timeout" => self.shutdown_timeout = d,
+                    "max_replica_lag" => self.max_replica_lag = d,
+                    "replica_check_interval" => self.replica_check_interval = d,
                     _ => self.server_idle_timeout = d,
                 }
             }
@@ -192,6 +219,30 @@ impl Scalars {
         }
         if let Some(v) = self.max_prepared_statements {
             c.max_prepared_statements = v.value;
+        }
+        if let Some(v) = self.read_routing {
+            c.read_routing = v.value;
+        }
+        if let Some(v) = self.read_your_writes {
+            c.read_your_writes = v.value;
+        }
+        if let Some(v) = self.max_replica_lag {
+            if v.value.is_zero() {
+                return Err(v.err("must be greater than zero"));
+            }
+            c.max_replica_lag = v.value;
+        }
+        if let Some(v) = self.replica_check_interval {
+            if !(MIN_REPLICA_CHECK_INTERVAL..=MAX_REPLICA_CHECK_INTERVAL).contains(&v.value) {
+                return Err(v.err(format!(
+                    "must be between 10ms and 60s, got {}",
+                    humantime::format_duration(v.value)
+                )));
+            }
+            c.replica_check_interval = v.value;
+        }
+        if let Some(v) = self.write_functions {
+            c.write_functions = v.value;
         }
         Ok(c)
     }
@@ -256,6 +307,71 @@ pub(crate) fn parse_duration(raw: Raw<'_>) -> Result<Duration, String> {
             other.describe()
         )),
     }
+}
+
+pub(crate) fn parse_read_routing(raw: Raw<'_>) -> Result<ReadRouting, String> {
+    const EXPECTED: &str = "expected \"auto\", \"primary_only\" or \"replica_only\"";
+    match raw {
+        Raw::Str(s) => ReadRouting::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
+        other => Err(format!("{EXPECTED}, got {}", other.describe())),
+    }
+}
+
+fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {
+    const EXPECTED: &str = "expected \"user\", \"client\" or \"off\"";
+    match raw {
+        Raw::Str(s) => ReadYourWrites::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
+        other => Err(format!("{EXPECTED}, got {}", other.describe())),
+    }
+}
+
+/// An array of function names, or one comma-separated string of them.
+fn parse_function_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
+    match raw {
+        Raw::Str(s) => s.split(',').enumerate().map(function_name).collect(),
+        Raw::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Raw::Str(s) => function_name((i, s)),
+                other => Err(format!(
+                    "item #{}: expected a function name (a string), got {}",
+                    i + 1,
+                    other.describe()
+                )),
+            })
+            .collect(),
+        other => Err(format!(
+            "expected an array of function names like [\"my_audit_fn\", \"app.bump_counter\"] \
+             or a comma-separated string, got {}",
+            other.describe()
+        )),
+    }
+}
+
+/// One function name (item `i`, 0-based): trimmed, lowercased, `[a-z0-9_.$]` only.
+fn function_name((i, item): (usize, &str)) -> Result<String, String> {
+    let n = i + 1;
+    let name = item.trim();
+    if name.is_empty() {
+        return Err(format!("item #{n}: empty function name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.')))
+    {
+        return Err(format!(
+            "item #{n}: invalid function name {name:?}: character {c:?} is not allowed \
+             (only ASCII letters, digits, '_', '$', and '.' after a schema name)"
+        ));
+    }
+    if name.split('.').any(str::is_empty) {
+        return Err(format!(
+            "item #{n}: invalid function name {name:?}: empty name part around '.' \
+             (expected \"function\" or \"schema.function\")"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 pub(crate) fn parse_size(raw: Raw<'_>) -> Result<usize, String> {

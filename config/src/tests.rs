@@ -60,6 +60,26 @@ fn defaults() {
     assert_eq!(c.server_idle_timeout, Duration::from_secs(600));
     assert_eq!(c.max_message_size, 64 << 20);
     assert_eq!(c.workers, 0);
+    assert_eq!(c.read_routing, ReadRouting::Auto);
+    assert_eq!(c.read_your_writes, ReadYourWrites::User);
+    assert_eq!(c.max_replica_lag, Duration::from_secs(10));
+    assert_eq!(c.replica_check_interval, Duration::from_millis(100));
+    assert!(c.write_functions.is_empty());
+
+    // Loaded without any setting: the same defaults, no overrides.
+    let c = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", "postgres://app@h/app")]),
+    )
+    .unwrap();
+    assert_eq!(c.read_routing, ReadRouting::Auto);
+    assert_eq!(c.read_your_writes, ReadYourWrites::User);
+    assert_eq!(c.max_replica_lag, DEFAULT_MAX_REPLICA_LAG);
+    assert_eq!(c.replica_check_interval, DEFAULT_REPLICA_CHECK_INTERVAL);
+    assert!(c.write_functions.is_empty());
+    assert_eq!(c.databases["app"].read_routing, None);
+    assert_eq!(c.users["app"].read_routing, None);
+    assert_eq!(c.read_routing_for("app", "app"), ReadRouting::Auto);
 }
 
 #[test]
@@ -82,6 +102,7 @@ fn zero_config_database_url_only() {
                 },
                 replicas: vec![],
                 pool_size: None,
+                read_routing: None,
             },
         )]),
         users: BTreeMap::from([(
@@ -90,6 +111,7 @@ fn zero_config_database_url_only() {
                 name: "app".into(),
                 password: Some(Secret::new("secret")),
                 pool_size: None,
+                read_routing: None,
             },
         )]),
         ..Config::default()
@@ -250,7 +272,7 @@ fn unknown_keys_name_key_and_line() {
     assert_eq!(
         e.to_string(),
         format!(
-            "config file {} line 3: databases.app.pol_size: unknown key (expected one of: url, replicas, pool_size)",
+            "config file {} line 3: databases.app.pol_size: unknown key (expected one of: url, replicas, pool_size, read_routing)",
             f.path.display()
         )
     );
@@ -862,4 +884,479 @@ fn wrong_types_in_tables() {
     assert_eq!(e.key, "users.app.password");
     assert_eq!(e.origin, file_origin(&f, 4));
     assert!(!e.message.contains("1234"));
+}
+
+#[test]
+fn read_routing_enums_parse_and_print() {
+    for r in [
+        ReadRouting::Auto,
+        ReadRouting::PrimaryOnly,
+        ReadRouting::ReplicaOnly,
+    ] {
+        assert_eq!(ReadRouting::parse(r.as_str()), Some(r));
+        assert_eq!(r.to_string(), r.as_str());
+    }
+    assert_eq!(
+        ReadRouting::parse(" Primary_Only "),
+        Some(ReadRouting::PrimaryOnly)
+    );
+    assert_eq!(ReadRouting::parse("sometimes"), None);
+    assert_eq!(ReadRouting::default(), ReadRouting::Auto);
+    for r in [
+        ReadYourWrites::User,
+        ReadYourWrites::Client,
+        ReadYourWrites::Off,
+    ] {
+        assert_eq!(ReadYourWrites::parse(r.as_str()), Some(r));
+        assert_eq!(r.to_string(), r.as_str());
+    }
+    assert_eq!(ReadYourWrites::parse("session"), None);
+    assert_eq!(ReadYourWrites::default(), ReadYourWrites::User);
+}
+
+#[test]
+fn read_routing_keys_from_file() {
+    let (_f, r) = load_file(
+        "read_routing = \"primary_only\"\nread_your_writes = \"client\"\n\
+         max_replica_lag = \"2s\"\nreplica_check_interval = \"250ms\"\n\
+         write_functions = [\"my_audit_fn\", \" App.Bump_Counter \", \"f$1\"]\n\
+         [databases.app]\nurl = \"postgres://h/app\"\nreplicas = [\"postgres://r/app\"]\n\
+         read_routing = \"auto\"\n\
+         [users.report]\nread_routing = \"replica_only\"\n",
+    );
+    let c = r.unwrap();
+    assert_eq!(c.read_routing, ReadRouting::PrimaryOnly);
+    assert_eq!(c.read_your_writes, ReadYourWrites::Client);
+    assert_eq!(c.max_replica_lag, Duration::from_secs(2));
+    assert_eq!(c.replica_check_interval, Duration::from_millis(250));
+    assert_eq!(
+        c.write_functions,
+        ["my_audit_fn", "app.bump_counter", "f$1"]
+    );
+    assert_eq!(c.databases["app"].read_routing, Some(ReadRouting::Auto));
+    assert_eq!(
+        c.users["report"].read_routing,
+        Some(ReadRouting::ReplicaOnly)
+    );
+
+    // Boundaries, an integer number of seconds, an empty list, a comma-separated string.
+    for (line, lag, interval, fns) in [
+        (
+            "replica_check_interval = \"10ms\"\nmax_replica_lag = \"1ms\"\nwrite_functions = []",
+            Duration::from_millis(1),
+            Duration::from_millis(10),
+            vec![],
+        ),
+        (
+            "replica_check_interval = \"60s\"\nmax_replica_lag = 30\nwrite_functions = \"a, b.c\"",
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            vec!["a", "b.c"],
+        ),
+        (
+            "replica_check_interval = \"1m\"\nmax_replica_lag = \"1h\"\nwrite_functions = [\n  \"x\",\n  \"y\",\n]",
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+            vec!["x", "y"],
+        ),
+    ] {
+        let (_f, r) = load_file(&format!("{line}\n{DB}"));
+        let c = r.unwrap();
+        assert_eq!(c.max_replica_lag, lag, "{line}");
+        assert_eq!(c.replica_check_interval, interval, "{line}");
+        assert_eq!(c.write_functions, fns, "{line}");
+    }
+}
+
+#[test]
+fn read_routing_keys_from_env_beat_file() {
+    let f = tmp(&format!(
+        "read_routing = \"primary_only\"\nread_your_writes = \"client\"\n\
+         max_replica_lag = \"2s\"\nreplica_check_interval = \"250ms\"\n\
+         write_functions = [\"from_file\"]\n{DB}"
+    ));
+    let e = env(&[
+        ("PGMUX_READ_ROUTING", "replica_only"),
+        ("PGMUX_READ_YOUR_WRITES", "off"),
+        ("PGMUX_MAX_REPLICA_LAG", "500ms"),
+        ("PGMUX_REPLICA_CHECK_INTERVAL", "1s"),
+        ("PGMUX_WRITE_FUNCTIONS", " My_Audit_Fn , app.bump_counter"),
+    ]);
+    let c = load(&flags_with(&f), &e).unwrap();
+    assert_eq!(c.read_routing, ReadRouting::ReplicaOnly);
+    assert_eq!(c.read_your_writes, ReadYourWrites::Off);
+    assert_eq!(c.max_replica_lag, Duration::from_millis(500));
+    assert_eq!(c.replica_check_interval, Duration::from_secs(1));
+    assert_eq!(c.write_functions, ["my_audit_fn", "app.bump_counter"]);
+
+    // Only the file.
+    let c = load(&flags_with(&f), &BTreeMap::new()).unwrap();
+    assert_eq!(c.read_routing, ReadRouting::PrimaryOnly);
+    assert_eq!(c.read_your_writes, ReadYourWrites::Client);
+    assert_eq!(c.max_replica_lag, Duration::from_secs(2));
+    assert_eq!(c.replica_check_interval, Duration::from_millis(250));
+    assert_eq!(c.write_functions, ["from_file"]);
+
+    // Only the environment; an integer number of seconds; a single name; empty = unset.
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            ("PGMUX_READ_ROUTING", "PRIMARY_ONLY"),
+            ("PGMUX_MAX_REPLICA_LAG", "3"),
+            ("PGMUX_WRITE_FUNCTIONS", "bump"),
+            ("PGMUX_READ_YOUR_WRITES", ""),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.read_routing, ReadRouting::PrimaryOnly);
+    assert_eq!(c.max_replica_lag, Duration::from_secs(3));
+    assert_eq!(c.write_functions, ["bump"]);
+    assert_eq!(c.read_your_writes, ReadYourWrites::User);
+
+    // An invalid file value overridden by the environment is not an error.
+    let f = tmp(&format!(
+        "max_replica_lag = \"0s\"\nreplica_check_interval = \"1ms\"\n{DB}"
+    ));
+    let c = load(
+        &flags_with(&f),
+        &env(&[
+            ("PGMUX_MAX_REPLICA_LAG", "1s"),
+            ("PGMUX_REPLICA_CHECK_INTERVAL", "50ms"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.max_replica_lag, Duration::from_secs(1));
+    assert_eq!(c.replica_check_interval, Duration::from_millis(50));
+}
+
+#[test]
+fn read_routing_for_precedence() {
+    let (_f, r) = load_file(
+        "read_routing = \"primary_only\"\n\
+         [databases.reports]\nurl = \"postgres://h/reports\"\nread_routing = \"replica_only\"\n\
+         [databases.plain]\nurl = \"postgres://h/plain\"\n\
+         [users.analyst]\nread_routing = \"auto\"\n\
+         [users.admin]\nread_routing = \"primary_only\"\n\
+         [users.bob]\npool_size = 2\n",
+    );
+    let c = r.unwrap();
+    // user > database
+    assert_eq!(c.read_routing_for("reports", "analyst"), ReadRouting::Auto);
+    assert_eq!(
+        c.read_routing_for("reports", "admin"),
+        ReadRouting::PrimaryOnly
+    );
+    // database > global
+    assert_eq!(
+        c.read_routing_for("reports", "bob"),
+        ReadRouting::ReplicaOnly
+    );
+    assert_eq!(
+        c.read_routing_for("reports", "nobody"),
+        ReadRouting::ReplicaOnly
+    );
+    // user > global
+    assert_eq!(c.read_routing_for("plain", "analyst"), ReadRouting::Auto);
+    // global
+    assert_eq!(c.read_routing_for("plain", "bob"), ReadRouting::PrimaryOnly);
+    assert_eq!(
+        c.read_routing_for("missing", "nobody"),
+        ReadRouting::PrimaryOnly
+    );
+    assert_eq!(c.users["bob"].read_routing, None);
+    assert_eq!(c.databases["plain"].read_routing, None);
+
+    // The environment changes only the global setting.
+    let f = tmp(
+        "[databases.reports]\nurl = \"postgres://h/reports\"\nread_routing = \"replica_only\"\n\
+         [databases.plain]\nurl = \"postgres://h/plain\"\n",
+    );
+    let c = load(
+        &flags_with(&f),
+        &env(&[("PGMUX_READ_ROUTING", "primary_only")]),
+    )
+    .unwrap();
+    assert_eq!(c.read_routing_for("reports", "x"), ReadRouting::ReplicaOnly);
+    assert_eq!(c.read_routing_for("plain", "x"), ReadRouting::PrimaryOnly);
+
+    // DATABASE_URL replacing a file database keeps its read_routing override.
+    let c = load(
+        &flags_with(&f),
+        &env(&[("DATABASE_URL", "postgres://new-host/reports")]),
+    )
+    .unwrap();
+    assert_eq!(c.databases["reports"].primary.host, "new-host");
+    assert_eq!(
+        c.databases["reports"].read_routing,
+        Some(ReadRouting::ReplicaOnly)
+    );
+}
+
+#[test]
+fn read_routing_key_errors() {
+    // Top-level enums: file line, env var.
+    let (f, r) = load_file(&format!("\nread_routing = \"sometimes\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("read_routing", &file_origin(&f, 2))
+    );
+    assert_eq!(
+        e.message,
+        "expected \"auto\", \"primary_only\" or \"replica_only\", got \"sometimes\""
+    );
+    let (f, r) = load_file(&format!("read_routing = true\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(e.origin, file_origin(&f, 1));
+    assert!(e.message.ends_with("got a boolean"), "{e}");
+
+    let (f, r) = load_file(&format!("read_your_writes = \"session\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("read_your_writes", &file_origin(&f, 1))
+    );
+    assert!(e.message.contains("\"user\", \"client\" or \"off\""), "{e}");
+
+    let db = ("DATABASE_URL", "postgres://h/app");
+    let e = load(
+        &Flags::default(),
+        &env(&[db, ("PGMUX_READ_ROUTING", "replicas")]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "read_routing");
+    assert_eq!(e.origin, Origin::Env("PGMUX_READ_ROUTING".into()));
+    let e = load(
+        &Flags::default(),
+        &env(&[db, ("PGMUX_READ_YOUR_WRITES", "always")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "environment variable PGMUX_READ_YOUR_WRITES: read_your_writes: \
+         expected \"user\", \"client\" or \"off\", got \"always\""
+    );
+
+    // Per-database and per-user: the dotted key and the value's line.
+    let (f, r) = load_file(&format!("{DB}read_routing = \"sometimes\"\n"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "databases.app.read_routing");
+    assert_eq!(e.origin, file_origin(&f, 3));
+    assert!(e.message.contains("got \"sometimes\""), "{e}");
+    let (f, r) = load_file(&format!("{DB}[users.bob]\n\nread_routing = 1\n"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "users.bob.read_routing");
+    assert_eq!(e.origin, file_origin(&f, 5));
+    assert!(e.message.ends_with("got integer 1"), "{e}");
+
+    // Unknown per-database / per-user keys still error, listing read_routing.
+    let (f, r) = load_file(&format!("{DB}read_routng = \"auto\"\n"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "databases.app.read_routng");
+    assert_eq!(e.origin, file_origin(&f, 3));
+    assert!(e.message.starts_with("unknown key"), "{e}");
+    let (f, r) = load_file(&format!("{DB}[users.bob]\nread_your_writes = \"off\"\n"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "users.bob.read_your_writes");
+    assert_eq!(e.origin, file_origin(&f, 4));
+    assert_eq!(
+        e.message,
+        "unknown key (expected one of: password, pool_size, read_routing)"
+    );
+    // ... and an unknown top-level key lists the new ones.
+    let (_f, r) = load_file(&format!("read_routings = \"auto\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "read_routings");
+    for k in [
+        "read_routing",
+        "read_your_writes",
+        "max_replica_lag",
+        "replica_check_interval",
+        "write_functions",
+    ] {
+        assert!(e.message.contains(k), "{e}");
+    }
+}
+
+#[test]
+fn replica_duration_errors() {
+    let (f, r) = load_file(&format!("\n\nmax_replica_lag = \"0s\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("max_replica_lag", &file_origin(&f, 3))
+    );
+    assert_eq!(e.message, "must be greater than zero");
+    let (f, r) = load_file(&format!("max_replica_lag = 0\n{DB}"));
+    assert_eq!(r.unwrap_err().origin, file_origin(&f, 1));
+    let (f, r) = load_file(&format!("max_replica_lag = \"soon\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("max_replica_lag", &file_origin(&f, 1))
+    );
+
+    let (f, r) = load_file(&format!("replica_check_interval = \"1ms\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("replica_check_interval", &file_origin(&f, 1))
+    );
+    assert_eq!(e.message, "must be between 10ms and 60s, got 1ms");
+    let (_f, r) = load_file(&format!("replica_check_interval = \"9ms\"\n{DB}"));
+    assert_eq!(r.unwrap_err().key, "replica_check_interval");
+    let (_f, r) = load_file(&format!("replica_check_interval = \"60001ms\"\n{DB}"));
+    assert!(r.unwrap_err().message.contains("got 1m 1ms"));
+
+    let db = ("DATABASE_URL", "postgres://h/app");
+    let e = load(
+        &Flags::default(),
+        &env(&[db, ("PGMUX_MAX_REPLICA_LAG", "0")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "environment variable PGMUX_MAX_REPLICA_LAG: max_replica_lag: must be greater than zero"
+    );
+    let e = load(
+        &Flags::default(),
+        &env(&[db, ("PGMUX_REPLICA_CHECK_INTERVAL", "2m")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "environment variable PGMUX_REPLICA_CHECK_INTERVAL: replica_check_interval: \
+         must be between 10ms and 60s, got 2m"
+    );
+}
+
+#[test]
+fn write_functions_errors() {
+    let cases = [
+        ("write_functions = [\"bad name\"]", "\"bad name\""),
+        ("write_functions = [\"ok\", \"semi;colon\"]", "item #2"),
+        ("write_functions = [\"\"]", "empty function name"),
+        ("write_functions = [\"  \"]", "empty function name"),
+        ("write_functions = [\"app.\"]", "empty name part"),
+        ("write_functions = [\"a..b\"]", "empty name part"),
+        ("write_functions = [\"f()\"]", "'('"),
+        ("write_functions = [\"fünf\"]", "'ü'"),
+        (
+            "write_functions = [\"ok\", 3]",
+            "item #2: expected a function name (a string), got integer 3",
+        ),
+        ("write_functions = [[\"nested\"]]", "got an array"),
+        ("write_functions = 3", "expected an array of function names"),
+        ("write_functions = true", "got a boolean"),
+        ("write_functions = \"a,,b\"", "item #2: empty function name"),
+    ];
+    for (line, needle) in cases {
+        let (f, r) = load_file(&format!("\n{line}\n{DB}"));
+        let e = r.unwrap_err();
+        assert_eq!(e.key, "write_functions", "{line}");
+        assert_eq!(e.origin, file_origin(&f, 2), "{line}");
+        assert!(e.message.contains(needle), "{line}: {e}");
+    }
+    let (_f, r) = load_file(&format!("write_functions = 3\n{DB}"));
+    assert_eq!(
+        r.unwrap_err().message,
+        "expected an array of function names like [\"my_audit_fn\", \"app.bump_counter\"] \
+         or a comma-separated string, got integer 3"
+    );
+    let (_f, r) = load_file(&format!("write_functions = [\"bad name\"]\n{DB}"));
+    assert_eq!(
+        r.unwrap_err().message,
+        "item #1: invalid function name \"bad name\": character ' ' is not allowed \
+         (only ASCII letters, digits, '_', '$', and '.' after a schema name)"
+    );
+
+    // Arrays are still a type error for the other keys.
+    let (f, r) = load_file(&format!("pool_size = [1]\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("pool_size", &file_origin(&f, 1))
+    );
+    assert_eq!(e.message, "expected a non-negative integer, got an array");
+    let (_f, r) = load_file(&format!("read_routing = [\"auto\"]\n{DB}"));
+    assert!(r.unwrap_err().message.ends_with("got an array"));
+
+    let db = ("DATABASE_URL", "postgres://h/app");
+    for (value, needle) in [
+        (
+            "my_audit_fn,bad name",
+            "item #2: invalid function name \"bad name\"",
+        ),
+        ("a,", "item #2: empty function name"),
+        (" ", "item #1: empty function name"),
+        ("x-y", "'-'"),
+    ] {
+        let e = load(
+            &Flags::default(),
+            &env(&[db, ("PGMUX_WRITE_FUNCTIONS", value)]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "write_functions", "{value}");
+        assert_eq!(
+            e.origin,
+            Origin::Env("PGMUX_WRITE_FUNCTIONS".into()),
+            "{value}"
+        );
+        assert!(e.message.contains(needle), "{value}: {e}");
+    }
+}
+
+#[test]
+fn render_read_routing_keys() {
+    // Defaults are printed; per-database/per-user read_routing only when set.
+    let c = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", "postgres://app@h/app")]),
+    )
+    .unwrap();
+    let out = c.to_redacted_toml();
+    for line in [
+        "read_routing = \"auto\"",
+        "read_your_writes = \"user\"",
+        "max_replica_lag = \"10s\"",
+        "replica_check_interval = \"100ms\"",
+        "write_functions = []",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}:\n{out}");
+    }
+    assert_eq!(out.matches("read_routing").count(), 1, "{out}");
+
+    let f = tmp(
+        "read_routing = \"primary_only\"\nread_your_writes = \"off\"\n\
+         max_replica_lag = \"1500ms\"\nreplica_check_interval = \"2s\"\n\
+         write_functions = [\"My_Audit_Fn\", \"app.bump_counter\"]\n\
+         [databases.app]\nurl = \"postgres://h/app\"\nreplicas = [\"postgres://r/app\"]\n\
+         read_routing = \"replica_only\"\n\
+         [databases.other]\nurl = \"postgres://h/other\"\n\
+         [users.report]\nread_routing = \"replica_only\"\n\
+         [users.plain]\npool_size = 3\n",
+    );
+    let c = load(&flags_with(&f), &BTreeMap::new()).unwrap();
+    let out = c.to_redacted_toml();
+    for line in [
+        "read_routing = \"primary_only\"",
+        "read_your_writes = \"off\"",
+        "max_replica_lag = \"1s 500ms\"",
+        "replica_check_interval = \"2s\"",
+        "write_functions = [\"my_audit_fn\", \"app.bump_counter\"]",
+        "read_routing = \"replica_only\"",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}:\n{out}");
+    }
+    // Global + databases.app + users.report; not databases.other or users.plain.
+    assert_eq!(out.matches("read_routing").count(), 3, "{out}");
+
+    // Round trip.
+    let f2 = tmp(&out);
+    assert_eq!(
+        load(&flags_with(&f2), &BTreeMap::new()).unwrap(),
+        c,
+        "{out}"
+    );
 }
