@@ -87,9 +87,11 @@ fn serve(config: Config) -> ExitCode {
         tracing::warn!(error = %e, "could not raise the open files limit");
     }
     let workers = if config.workers == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        auto_workers(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        )
     } else {
         config.workers
     };
@@ -102,6 +104,8 @@ fn serve(config: Config) -> ExitCode {
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
+            // SQL classification for read routing recurses with the parse tree's depth.
+            .thread_stack_size(pgmux_proxy::router::CLASSIFY_STACK_BYTES)
             .enable_all()
             .build()
     };
@@ -146,4 +150,17 @@ fn serve(config: Config) -> ExitCode {
         tracing::info!("pgmux stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Runtime threads for `workers = 0`, from the CPUs this process may use (cgroup quota
+/// and affinity included). Up to two CPUs, one thread: the pooler shares them with
+/// PostgreSQL, the clients or the application, and on a 2-core box a second worker cost
+/// 15-25% more CPU per transaction in cross-thread wake-ups than it gained (docs/benchmarks.md).
+/// Beyond that, one per CPU.
+fn auto_workers(cpus: usize) -> usize {
+    if cpus <= 2 {
+        1
+    } else {
+        cpus
+    }
 }

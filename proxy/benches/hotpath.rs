@@ -192,6 +192,8 @@ fn bench_pump_client(c: &mut Criterion) {
             stats: &stats,
             max_prepared: 500,
             skip_to_sync: &mut skip_to_sync,
+            one_unit: false,
+            unit_ended: false,
         };
         assert!(!pump_client(&mut rbuf, &mut p, MAX).unwrap());
         assert!(rbuf.is_empty());
@@ -217,6 +219,8 @@ fn bench_pump_client(c: &mut Criterion) {
                     stats: &stats,
                     max_prepared: 500,
                     skip_to_sync: &mut skip_to_sync,
+                    one_unit: false,
+                    unit_ended: false,
                 };
                 let terminate = pump_client(&mut rbuf, &mut p, MAX).unwrap();
                 black_box(terminate);
@@ -373,12 +377,55 @@ fn bench_params(c: &mut Criterion) {
     g.finish();
 }
 
+/// Read/write classification per transaction: the parser's raw cost, a cached text, a new
+/// text every time (parse + walk + cache insert), and a write the keyword pre-filter answers.
+fn bench_router(c: &mut Criterion) {
+    use pgmux_proxy::router::{Class, Router, WhyPrimary};
+    const UPDATE_SQL: &str =
+        "UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 12345;";
+    let router = Router::new(&[]);
+    assert_eq!(router.classify(PGBENCH_SQL).class, Class::Read);
+
+    let mut g = c.benchmark_group("router");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("pg_query_parse_select", |b| {
+        b.iter(|| pg_query::parse(black_box(PGBENCH_SQL), 0).expect("parses"))
+    });
+    g.bench_function("pg_query_parse_update", |b| {
+        b.iter(|| pg_query::parse(black_box(UPDATE_SQL), 0).expect("parses"))
+    });
+    g.bench_function("classify_select_cached", |b| {
+        b.iter(|| assert_eq!(router.classify(black_box(PGBENCH_SQL)).class, Class::Read))
+    });
+    let mut aid = 0u64;
+    g.bench_function("classify_select_uncached", |b| {
+        b.iter_batched(
+            || {
+                aid += 1;
+                format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+            },
+            |sql| assert_eq!(router.classify(&sql).class, Class::Read),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("classify_update_prefilter", |b| {
+        b.iter(|| {
+            assert_eq!(
+                router.classify(black_box(UPDATE_SQL)).class,
+                Class::Primary(WhyPrimary::Write)
+            )
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_frame,
     bench_pump_client,
     bench_scan_server,
     bench_prepared,
-    bench_params
+    bench_params,
+    bench_router
 );
 criterion_main!(benches);

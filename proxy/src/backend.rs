@@ -320,10 +320,29 @@ impl Server {
     /// Runs a simple query and reads up to its ReadyForQuery, recording ParameterStatus.
     /// Returns the first error the server reported, if any.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Option<ErrorFields>, ProtocolError> {
+        Ok(self.query_rows(sql, None).await?.err())
+    }
+
+    /// Runs a simple query and returns the text of the first row's columns (NULL as
+    /// `None`; no row: empty), or the first error the server reported.
+    pub async fn first_row(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<Vec<Option<String>>, ErrorFields>, ProtocolError> {
+        let mut row = Vec::new();
+        Ok(self.query_rows(sql, Some(&mut row)).await?.map(|()| row))
+    }
+
+    async fn query_rows(
+        &mut self,
+        sql: &str,
+        mut first_row: Option<&mut Vec<Option<String>>>,
+    ) -> Result<Result<(), ErrorFields>, ProtocolError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         messages::query(&mut out, sql);
         self.stream.write_all(&out).await?;
         let mut error = None;
+        let mut rows = 0;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -331,10 +350,19 @@ impl Server {
                     let (k, v) = messages::parse_parameter_status(&frame.body)?;
                     self.params.reported(k, v);
                 }
+                b'D' if rows == 0 => {
+                    rows += 1;
+                    if let Some(row) = first_row.as_deref_mut() {
+                        *row = messages::parse_data_row(&frame.body)?;
+                    }
+                }
                 b'E' if error.is_none() => error = Some(ErrorFields::parse(&frame.body)?),
                 b'Z' => {
                     self.status = frame.body.first().copied().unwrap_or(b'E');
-                    return Ok(error);
+                    return Ok(match error {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    });
                 }
                 _ => {}
             }

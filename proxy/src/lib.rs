@@ -10,6 +10,10 @@
 //! * [`cancel`] — CancelRequest routing to the server serving a client *now*.
 //! * [`relay`] — per-message bookkeeping while linked (response queue, statement rewriting).
 //! * [`prepared`] — named prepared statements that follow clients across servers.
+//! * [`sockio`] — socket reads that learn "drained" from a short read, not an EAGAIN.
+//! * [`router`] — pure SQL classification: may this text run on a read replica?
+//! * [`routing`] — per-transaction choice of primary or replica, read-your-writes.
+//! * [`replicas`] — replica health loops, the primary's WAL clock, route counters.
 //!
 //! [`Proxy`] ties them together: it owns the [`Shared`] state (config snapshot, pools,
 //! cancel registry, client count, shutdown signal) and the accept loop.
@@ -22,6 +26,9 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod relay;
+pub mod replicas;
+pub mod router;
+pub mod routing;
 pub mod session;
 pub mod sockio;
 
@@ -31,7 +38,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use pgmux_config::{Config, Database};
+use pgmux_config::{Config, Database, ReadRouting};
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +47,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::ScramVerifier;
 use crate::cancel::CancelRegistry;
 use crate::pool::Pool;
+use crate::replicas::{HealthSettings, Topology, WriteMark};
+use crate::router::Router;
+use crate::routing::ReplicaSet;
 
 /// State shared by every session. Passed as `Arc<Shared>`; there are no globals.
 pub struct Shared {
@@ -48,6 +58,14 @@ pub struct Shared {
     pub cancel: Arc<CancelRegistry>,
     pub clients: AtomicUsize,
     pub shutdown: CancellationToken,
+    /// Classifies SQL as read-only or not, for read routing.
+    pub router: Router,
+    /// Per database with replicas: health and replay positions.
+    pub topologies: DashMap<String, Arc<Topology>>,
+    /// Per (database, user): the replica pools.
+    pub replica_sets: DashMap<(String, String), Arc<ReplicaSet>>,
+    /// Stops the replica health loops (after the drain).
+    health_stop: CancellationToken,
     /// SCRAM verifiers derived once per (user, password), never per login.
     verifiers: DashMap<String, (String, Arc<ScramVerifier>)>,
     /// Key for the mock exchange of unknown users.
@@ -58,7 +76,12 @@ impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
         let mut mock_secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_secret);
+        let router = Router::new(&config.write_functions);
         Arc::new(Shared {
+            router,
+            topologies: DashMap::new(),
+            replica_sets: DashMap::new(),
+            health_stop: CancellationToken::new(),
             config: ArcSwap::from_pointee(config),
             pools: DashMap::new(),
             cancel: Arc::new(CancelRegistry::default()),
@@ -89,6 +112,77 @@ impl Shared {
                 )
             })
             .clone()
+    }
+
+    /// The replica pools for (database, user), created on first use; `None` when the
+    /// database has no replicas or this user's routing is `primary_only`.
+    pub fn replicas_for(&self, cfg: &Config, db: &Database, user: &str) -> Option<Arc<ReplicaSet>> {
+        if db.replicas.is_empty()
+            || cfg.read_routing_for(&db.name, user) == ReadRouting::PrimaryOnly
+        {
+            return None;
+        }
+        let key = (db.name.clone(), user.to_owned());
+        if let Some(s) = self.replica_sets.get(&key) {
+            return Some(s.clone());
+        }
+        let password = cfg.users.get(user).and_then(|u| u.password.clone());
+        let topology = self
+            .topologies
+            .entry(db.name.clone())
+            .or_insert_with(|| {
+                // The health loops log in as the first user that needs them.
+                let settings = HealthSettings {
+                    user: user.to_owned(),
+                    password: password.clone(),
+                    interval: cfg.replica_check_interval,
+                    max_lag: cfg.max_replica_lag,
+                    connect_timeout: cfg.server_connect_timeout,
+                };
+                Topology::start(
+                    &db.name,
+                    &db.primary,
+                    &db.replicas,
+                    settings,
+                    self.health_stop.clone(),
+                )
+            })
+            .clone();
+        let set = self
+            .replica_sets
+            .entry(key)
+            .or_insert_with(|| {
+                let pools = db
+                    .replicas
+                    .iter()
+                    .map(|addr| {
+                        Pool::new(
+                            db.name.clone(),
+                            user.to_owned(),
+                            addr.clone(),
+                            password.clone(),
+                            cfg.pool_size_for(&db.name, user),
+                            cfg.server_connect_timeout,
+                        )
+                    })
+                    .collect();
+                Arc::new(ReplicaSet {
+                    topology,
+                    pools,
+                    writes: WriteMark::default(),
+                })
+            })
+            .clone();
+        Some(set)
+    }
+
+    /// Every pool: primaries, then replicas.
+    pub fn all_pools(&self) -> Vec<Arc<Pool>> {
+        let mut out: Vec<Arc<Pool>> = self.pools.iter().map(|p| p.value().clone()).collect();
+        for s in self.replica_sets.iter() {
+            out.extend(s.pools.iter().cloned());
+        }
+        out
     }
 
     /// The SCRAM verifier for a user's configured password, derived once.
@@ -178,7 +272,8 @@ impl Proxy {
             );
         }
         maintenance.abort();
-        for p in shared.pools.iter() {
+        shared.health_stop.cancel();
+        for p in shared.all_pools() {
             p.close_idle();
         }
         // Let the Terminate messages go out.
@@ -195,7 +290,7 @@ async fn maintenance(shared: Arc<Shared>) {
         if idle_timeout.is_zero() {
             continue;
         }
-        for p in shared.pools.iter() {
+        for p in shared.all_pools() {
             let n = p.reap_idle(idle_timeout);
             if n > 0 {
                 tracing::debug!(db = %p.database, user = %p.user, closed = n, reason = "idle_timeout", "closed idle servers");

@@ -48,6 +48,11 @@ pub struct Pump<'a> {
     /// After pgmux answered a message with an error, it drops the client's messages up to
     /// the next Sync, as PostgreSQL would.
     pub skip_to_sync: &'a mut bool,
+    /// Stop after one unit of work (a Query, or messages up to Sync): the server is a
+    /// replica chosen for that unit alone.
+    pub one_unit: bool,
+    /// Set when pumping stopped at the end of a unit (with `one_unit`).
+    pub unit_ended: bool,
 }
 
 fn append(out: &mut BytesMut, chunk: BytesMut) {
@@ -83,6 +88,7 @@ pub fn pump_client(
             continue;
         }
         let tracked = p.max_prepared > 0;
+        let ends_unit = p.one_unit && (tag == b'Q' || (tag == b'S' && !p.server.copy_in));
         let body = &rbuf[n + 5..n + len];
         let special = match tag {
             b'Q' => {
@@ -144,6 +150,10 @@ pub fn pump_client(
             handle_named(tag, frame.slice(5..), p)?;
         } else {
             n += len;
+        }
+        if ends_unit {
+            p.unit_ended = true;
+            break;
         }
     }
     append(p.out, rbuf.split_to(n));

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use pgmux_config::{AuthType, Config};
+use pgmux_config::{AuthType, Config, ReadRouting, ReadYourWrites};
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -39,6 +39,7 @@ use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_pack
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
+use crate::routing::{self, next_unit, Choice, ReplicaSet, Target, Unit};
 use crate::sockio;
 use crate::Shared;
 
@@ -167,16 +168,21 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         Ok(Ok(session)) => {
             let Login {
                 pool,
+                replicas,
                 params,
                 registration,
                 user,
                 database,
                 _count,
             } = session;
+            let read_routing = cfg.read_routing_for(&database, &user);
             let mut s = Session {
                 shared: &shared,
                 cfg: &cfg,
                 pool,
+                replicas,
+                read_routing,
+                client_mark: 0,
                 client,
                 params,
                 registration,
@@ -196,6 +202,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 /// A logged-in client, ready to serve.
 struct Login {
     pool: Arc<Pool>,
+    replicas: Option<Arc<ReplicaSet>>,
     params: ClientParams,
     registration: Registration,
     user: String,
@@ -415,8 +422,10 @@ async fn login(
     if client.flush().await.is_err() {
         return Err(ClientClosed);
     }
+    let replicas = shared.replicas_for(cfg, db, &user);
     Ok(Login {
         pool,
+        replicas,
         params,
         registration,
         user,
@@ -548,7 +557,13 @@ async fn report_checkout_error(client: &mut Client, e: &PoolError) {
 struct Session<'a> {
     shared: &'a Arc<Shared>,
     cfg: &'a Arc<Config>,
+    /// The primary's pool.
     pool: Arc<Pool>,
+    /// Replica pools, when the database has replicas and routing is not primary_only.
+    replicas: Option<Arc<ReplicaSet>>,
+    read_routing: ReadRouting,
+    /// This client's last write (read-your-writes scope `client`); 0: none.
+    client_mark: u64,
     client: Client,
     params: ClientParams,
     registration: Registration,
@@ -629,7 +644,7 @@ impl Session<'_> {
             }
 
             // --- a server for this transaction
-            let server = match self.pool.checkout(self.cfg.query_wait_timeout).await {
+            let (server, choice) = match self.checkout().await {
                 Ok(s) => s,
                 Err(e) => {
                     report_checkout_error(&mut self.client, &e).await;
@@ -639,14 +654,55 @@ impl Session<'_> {
                     };
                 }
             };
-            match self.link(server).await {
+            match self.link(server, choice).await {
                 LinkEnd::Released => {}
                 LinkEnd::Ended(reason) => return reason,
             }
         }
     }
 
-    async fn link(&mut self, mut server: PooledServer) -> LinkEnd {
+    /// A server for the client's next unit of work: a replica when routing allows it.
+    async fn checkout(&mut self) -> Result<(PooledServer, Choice), PoolError> {
+        let wait = self.cfg.query_wait_timeout;
+        let mut choice = Choice {
+            target: Target::Primary,
+            writes: true,
+        };
+        if let Some(set) = &self.replicas {
+            // A malformed message is reported by the pump, on the primary.
+            let unit = next_unit(
+                &self.client.rbuf,
+                &self.statements,
+                self.cfg.max_message_size,
+            )
+            .unwrap_or(Unit::Unknown);
+            let decision = routing::classify(&self.shared.router, &unit);
+            choice = set.choose(
+                self.read_routing,
+                self.cfg.read_your_writes,
+                &decision,
+                self.client_mark,
+            );
+            if let Target::Replica(i) = choice.target {
+                match set.pools[i].checkout(wait).await {
+                    Ok(s) => return Ok((s, choice)),
+                    Err(PoolError::Connect(e)) => {
+                        // Down between transactions: the client does not notice.
+                        set.topology.replicas[i].mark_down(&e.to_string());
+                        set.topology
+                            .stats
+                            .kept_unhealthy
+                            .fetch_add(1, Ordering::Relaxed);
+                        choice.target = Target::Primary;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok((self.pool.checkout(wait).await?, choice))
+    }
+
+    async fn link(&mut self, mut server: PooledServer, choice: Choice) -> LinkEnd {
         if let Some(sql) = self.params.sync_sql(&server.params) {
             match server.simple_query(&sql).await {
                 Ok(None) => {
@@ -673,7 +729,14 @@ impl Session<'_> {
             }
         }
         self.registration.slot.link(&server.cancel);
-        let end = self.forward(&mut server).await;
+        let replica = match (&self.replicas, choice.target) {
+            (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
+            _ => None,
+        };
+        if let Some(r) = &replica {
+            r.outstanding.fetch_add(1, Ordering::Relaxed);
+        }
+        let end = self.forward(&mut server, replica.is_some()).await;
         self.registration.slot.unlink().await;
         if matches!(end, LinkEnd::Released) {
             server
@@ -683,11 +746,37 @@ impl Session<'_> {
                 .fetch_add(1, Ordering::Relaxed);
         }
         drop(server);
+        if let Some(set) = &self.replicas {
+            let stats = &set.topology.stats;
+            match &replica {
+                Some(r) => {
+                    r.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    r.transactions.fetch_add(1, Ordering::Relaxed);
+                    stats.replica.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    stats.primary.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // After a write the scope's reads wait for a replica that replayed it. Taken
+            // before the client sees the commit (its reply is flushed after this).
+            if replica.is_none() && choice.writes {
+                let mark = set.topology.wal.mark();
+                match self.cfg.read_your_writes {
+                    ReadYourWrites::User => set.writes.record(mark),
+                    ReadYourWrites::Client => self.client_mark = self.client_mark.max(mark),
+                    ReadYourWrites::Off => {}
+                }
+            }
+        }
         end
     }
 
     /// Forwards both ways until the server can be released or one side ends.
-    async fn forward(&mut self, server: &mut Server) -> LinkEnd {
+    /// `one_unit`: the server was chosen for one unit of work at a time (a replica): the
+    /// client's next unit waits until this one's transaction is over, so that it is
+    /// routed on its own.
+    async fn forward(&mut self, server: &mut Server, one_unit: bool) -> LinkEnd {
         let max = self.cfg.max_message_size;
         let client = &mut self.client;
         let params = &mut self.params;
@@ -700,9 +789,22 @@ impl Session<'_> {
         let to_server = &mut self.to_server;
         to_server.clear();
         let mut client_done = false;
+        // One-unit mode: the unit has been pumped whole.
+        let mut unit_done = false;
         loop {
+            if one_unit
+                && unit_done
+                && to_server.is_empty()
+                && server.buf.is_empty()
+                && server.state() == crate::backend::ReturnState::Clean
+            {
+                return LinkEnd::Released;
+            }
             // Client frames into the server's queue.
-            if !client_done && to_server.len() < OUT_LIMIT {
+            let server_idle = server.expect.is_empty() && !server.unsynced;
+            if !client_done && to_server.len() < OUT_LIMIT && (!unit_done || server_idle) {
+                // In one-unit mode an idle server inside a transaction (BEGIN READ ONLY)
+                // takes the next unit.
                 let mut pump = Pump {
                     server,
                     out: to_server,
@@ -712,8 +814,12 @@ impl Session<'_> {
                     stats,
                     max_prepared,
                     skip_to_sync,
+                    one_unit,
+                    unit_ended: false,
                 };
-                match pump_client(&mut client.rbuf, &mut pump, max) {
+                let pumped = pump_client(&mut client.rbuf, &mut pump, max);
+                unit_done = pump.unit_ended;
+                match pumped {
                     Ok(false) => {}
                     Ok(true) => client_done = true, // Terminate: finish up, then end
                     Err(e) => {

@@ -206,6 +206,37 @@ pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// Decodes a ParameterStatus body into (name, value).
+/// The columns of a DataRow as text (NULL as `None`; invalid UTF-8 replaced).
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let bad = || ProtocolError::Malformed("DataRow");
+    let count = u16::from_be_bytes(
+        body.get(..2)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    let mut rest = &body[2..];
+    let mut cols = Vec::with_capacity(usize::from(count).min(64));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(
+            rest.get(..4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
+        rest = &rest[4..];
+        if len < 0 {
+            cols.push(None);
+            continue;
+        }
+        let len = len as usize;
+        let value = rest.get(..len).ok_or_else(bad)?;
+        cols.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[len..];
+    }
+    Ok(cols)
+}
+
 pub fn parse_parameter_status(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
     let bad = ProtocolError::Malformed("ParameterStatus");
     let (name, rest) = cstr(body).ok_or(ProtocolError::Malformed("ParameterStatus"))?;
@@ -241,6 +272,24 @@ pub fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, Pr
 mod tests {
     use super::*;
     use crate::protocol::frame::split_frame;
+
+    #[test]
+    fn data_row_columns_and_bad_lengths() {
+        let mut body = vec![0, 3];
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"ab");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i32.to_be_bytes());
+        assert_eq!(
+            parse_data_row(&body).unwrap(),
+            vec![Some("ab".to_string()), None, Some(String::new())]
+        );
+        // A length past the end of the message is an error, not an allocation.
+        let mut bad = vec![0, 1];
+        bad.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(parse_data_row(&bad).is_err());
+        assert!(parse_data_row(&[0]).is_err());
+    }
 
     #[test]
     fn error_response_round_trips() {
