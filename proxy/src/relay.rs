@@ -568,6 +568,13 @@ pub fn scan_server(
         } else {
             pos += total;
         }
+        // The last answer owed, outside a transaction: anything after it is unsolicited
+        // (typically a FATAL from a backend being shut down) and stays in the buffer, so
+        // the client never sees an error for a request it did not make; the session
+        // drops the server.
+        if tag == b'Z' && server.expect.is_empty() && server.status == b'I' {
+            break;
+        }
         // Responses pgmux makes itself go out once everything before them has.
         while !server.skipping && matches!(server.expect.front(), Some(Expect::Synthetic { .. })) {
             if let Some(Expect::Synthetic { bytes, .. }) = server.expect.pop_front() {

@@ -138,6 +138,9 @@ pub struct RouteStats {
     pub kept_unparseable: AtomicU64,
     /// Transactions a `/* pgmux:primary */` hint sent to the primary.
     pub kept_hint: AtomicU64,
+    /// Read-only units sent again elsewhere because their replica connection died
+    /// before answering.
+    pub retried: AtomicU64,
 }
 
 /// A replica's state as the health loop last saw it.

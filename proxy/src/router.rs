@@ -300,6 +300,14 @@ impl Router {
             let Some(node) = raw.stmt.as_deref().and_then(|n| n.node.as_ref()) else {
                 return Class::Primary(WhyPrimary::Unparseable);
             };
+            // A read-only transaction sent whole may end in the same text.
+            if class == Class::BeginReadOnly && i + 1 == stmts.len() {
+                if let NodeEnum::TransactionStmt(t) = node {
+                    if ends_transaction(t) {
+                        break;
+                    }
+                }
+            }
             match self.statement(node, statement_text(text, raw)) {
                 Ok(Stmt::Read) => {}
                 Ok(Stmt::BeginReadOnly) if i == 0 => class = Class::BeginReadOnly,
@@ -384,6 +392,14 @@ fn is_analyze(option: &str) -> bool {
 /// `BEGIN`/`START TRANSACTION` whose transaction_read_only options are all true (and
 /// there is one). Later options win in PostgreSQL; requiring all of them true is simpler
 /// and never wrong in the unsafe direction.
+/// `COMMIT`, `END`, `ROLLBACK`, `ABORT` (not `… AND CHAIN`, which opens a new one).
+fn ends_transaction(t: &pb::TransactionStmt) -> bool {
+    matches!(
+        t.kind(),
+        pb::TransactionStmtKind::TransStmtCommit | pb::TransactionStmtKind::TransStmtRollback
+    ) && !t.chain
+}
+
 fn begin_read_only(t: &pb::TransactionStmt) -> bool {
     if !matches!(
         t.kind(),
@@ -1726,6 +1742,22 @@ mod tests {
         assert_eq!(
             class("BEGIN READ ONLY; SELECT * FROM t; SELECT 2"),
             Class::BeginReadOnly
+        );
+        assert_eq!(
+            class("BEGIN READ ONLY; SELECT * FROM t; COMMIT"),
+            Class::BeginReadOnly
+        );
+        assert_eq!(
+            class("START TRANSACTION READ ONLY; SELECT 1; ROLLBACK"),
+            Class::BeginReadOnly
+        );
+        assert_eq!(
+            primary("BEGIN READ ONLY; SELECT 1; COMMIT AND CHAIN"),
+            WhyPrimary::TransactionControl
+        );
+        assert_eq!(
+            primary("BEGIN READ ONLY; COMMIT; SELECT 1"),
+            WhyPrimary::TransactionControl
         );
         assert_eq!(
             primary("BEGIN READ ONLY; UPDATE t SET a = 1"),

@@ -41,19 +41,37 @@ pub enum Unit {
     Unknown,
 }
 
+/// The next unit and where it ends.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Next {
+    pub unit: Unit,
+    /// Bytes of `rbuf` the unit spans (0 for [`Unit::Unknown`]).
+    pub len: usize,
+    /// Sending the unit again changes no client state pgmux tracks: no named Parse or
+    /// Close in it. A read-only unit that lost its replica before any answer may then run
+    /// again elsewhere.
+    pub replayable: bool,
+}
+
 /// Reads the next unit from the front of `rbuf` without consuming it.
 pub fn next_unit(
     rbuf: &[u8],
     statements: &ClientStatements,
     max: usize,
-) -> Result<Unit, ProtocolError> {
+) -> Result<Next, ProtocolError> {
+    let unknown = Next {
+        unit: Unit::Unknown,
+        len: 0,
+        replayable: false,
+    };
+    let mut replayable = true;
     let mut pos = 0;
     let mut texts: Vec<Bytes> = Vec::new();
     // Statements parsed earlier in this batch, by client name.
     let mut parsed: Vec<(&[u8], usize)> = Vec::new();
     for i in 0..MAX_BATCH_MESSAGES {
         let Some((tag, len)) = complete_frame_len(&rbuf[pos..], max)? else {
-            return Ok(Unit::Unknown);
+            return Ok(unknown);
         };
         let body = &rbuf[pos + 5..pos + len];
         pos += len;
@@ -61,11 +79,16 @@ pub fn next_unit(
         match tag {
             b'Q' if i == 0 => {
                 let (text, _) = cstr(body).ok_or(bad("Query"))?;
-                return Ok(Unit::Query(Bytes::copy_from_slice(text)));
+                return Ok(Next {
+                    unit: Unit::Query(Bytes::copy_from_slice(text)),
+                    len: pos,
+                    replayable,
+                });
             }
             b'P' => {
                 let (name, rest) = cstr(body).ok_or(bad("Parse"))?;
                 let (text, _) = cstr(rest).ok_or(bad("Parse"))?;
+                replayable &= name.is_empty();
                 parsed.retain(|(n, _)| *n != name);
                 parsed.push((name, texts.len()));
                 texts.push(Bytes::copy_from_slice(text));
@@ -77,22 +100,29 @@ pub fn next_unit(
                     continue; // its text is in `texts` already
                 }
                 if name.is_empty() {
-                    return Ok(Unit::Unknown); // unnamed statement from an earlier batch
+                    return Ok(unknown); // unnamed statement from an earlier batch
                 }
                 let Some(stmt) = std::str::from_utf8(name)
                     .ok()
                     .and_then(|n| statements.get(n))
                 else {
-                    return Ok(Unit::Unknown); // the server will report it
+                    return Ok(unknown); // the server will report it
                 };
                 texts.push(stmt.query.clone());
             }
-            b'D' | b'E' | b'C' | b'H' => {}
-            b'S' => return Ok(Unit::Batch(texts)),
-            _ => return Ok(Unit::Unknown),
+            b'C' => replayable = false,
+            b'D' | b'E' | b'H' => {}
+            b'S' => {
+                return Ok(Next {
+                    unit: Unit::Batch(texts),
+                    len: pos,
+                    replayable,
+                })
+            }
+            _ => return Ok(unknown),
         }
     }
-    Ok(Unit::Unknown)
+    Ok(unknown)
 }
 
 /// Classifies a unit: every statement must be a read for the unit to be one.
@@ -287,7 +317,7 @@ mod tests {
         frame(&mut buf, b'Q', b"INSERT INTO t VALUES (1)\0");
         let s = ClientStatements::default();
         assert_eq!(
-            next_unit(&buf, &s, 1 << 20).unwrap(),
+            next_unit(&buf, &s, 1 << 20).unwrap().unit,
             Unit::Query(Bytes::from_static(b"SELECT 1"))
         );
     }
@@ -308,12 +338,37 @@ mod tests {
         frame(&mut buf, b'E', b"\0\0\0\0\0");
         frame(&mut buf, b'S', b"");
         assert_eq!(
-            next_unit(&buf, &s, 1 << 20).unwrap(),
+            next_unit(&buf, &s, 1 << 20).unwrap().unit,
             Unit::Batch(vec![
                 Bytes::from_static(b"SELECT 1"),
                 Bytes::from_static(b"SELECT 2")
             ])
         );
+    }
+
+    #[test]
+    fn units_know_their_length_and_whether_they_can_run_again() {
+        let s = ClientStatements::default();
+        let mut buf = BytesMut::new();
+        frame(&mut buf, b'Q', b"SELECT 1\0");
+        let first = buf.len();
+        frame(&mut buf, b'Q', b"SELECT 2\0");
+        let n = next_unit(&buf, &s, 1 << 20).unwrap();
+        assert_eq!((n.len, n.replayable), (first, true));
+
+        let mut buf = BytesMut::new();
+        parse(&mut buf, "", "SELECT 1");
+        bind(&mut buf, "");
+        frame(&mut buf, b'S', b"");
+        let n = next_unit(&buf, &s, 1 << 20).unwrap();
+        assert_eq!((n.len, n.replayable), (buf.len(), true));
+
+        // A named Parse registers a client statement: not sent twice.
+        let mut buf = BytesMut::new();
+        parse(&mut buf, "s1", "SELECT 1");
+        bind(&mut buf, "s1");
+        frame(&mut buf, b'S', b"");
+        assert!(!next_unit(&buf, &s, 1 << 20).unwrap().replayable);
     }
 
     #[test]
@@ -323,23 +378,23 @@ mod tests {
         parse(&mut buf, "", "SELECT 1");
         bind(&mut buf, "");
         // No Sync yet.
-        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap(), Unit::Unknown);
+        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap().unit, Unit::Unknown);
         // A statement the client never prepared, an unnamed one from an earlier batch.
         for name in ["nope", ""] {
             let mut buf = BytesMut::new();
             bind(&mut buf, name);
             frame(&mut buf, b'S', b"");
-            assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap(), Unit::Unknown);
+            assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap().unit, Unit::Unknown);
         }
         // FunctionCall.
         let mut buf = BytesMut::new();
         frame(&mut buf, b'F', b"\0\0\0\0");
-        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap(), Unit::Unknown);
+        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap().unit, Unit::Unknown);
         // A Query in the middle of a batch.
         let mut buf = BytesMut::new();
         parse(&mut buf, "", "SELECT 1");
         frame(&mut buf, b'Q', b"SELECT 1\0");
-        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap(), Unit::Unknown);
+        assert_eq!(next_unit(&buf, &s, 1 << 20).unwrap().unit, Unit::Unknown);
     }
 
     #[test]

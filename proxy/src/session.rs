@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgmux_config::{AuthType, Config, ReadRouting, ReadYourWrites};
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
@@ -39,7 +39,7 @@ use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_pack
 use crate::protocol::messages::{self as msg, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
-use crate::routing::{self, next_unit, Choice, ReplicaSet, Target, Unit};
+use crate::routing::{self, next_unit, Choice, Next, ReplicaSet, Target, Unit};
 use crate::sockio;
 use crate::Shared;
 
@@ -579,11 +579,20 @@ struct Session<'a> {
 enum LinkEnd {
     Released,
     Ended(DisconnectReason),
+    /// The replica died before answering a read-only unit: these bytes go back in front
+    /// of the client's buffer and the unit is routed again.
+    Retry(Bytes),
 }
+
+/// Attempts of one unit after its replica died; then the client gets the error.
+const MAX_UNIT_RETRIES: u32 = 3;
+/// Largest answer to a replayable replica unit held back until it is complete.
+const HOLD_LIMIT: usize = 64 * 1024;
 
 impl Session<'_> {
     async fn serve(&mut self) -> DisconnectReason {
         let max = self.cfg.max_message_size;
+        let mut retries = 0;
         'idle: loop {
             // --- idle: wait for a message that needs a server
             loop {
@@ -644,7 +653,7 @@ impl Session<'_> {
             }
 
             // --- a server for this transaction
-            let (server, choice) = match self.checkout().await {
+            let (server, choice, replay) = match self.checkout().await {
                 Ok(s) => s,
                 Err(e) => {
                     report_checkout_error(&mut self.client, &e).await;
@@ -654,15 +663,35 @@ impl Session<'_> {
                     };
                 }
             };
-            match self.link(server, choice).await {
-                LinkEnd::Released => {}
+            match self.link(server, choice, replay).await {
+                LinkEnd::Released => retries = 0,
                 LinkEnd::Ended(reason) => return reason,
+                LinkEnd::Retry(unit) => {
+                    retries += 1;
+                    if retries > MAX_UNIT_RETRIES {
+                        self.client
+                            .fail(
+                                Severity::Fatal,
+                                sqlstate::CONNECTION_FAILURE,
+                                "server closed the connection unexpectedly",
+                            )
+                            .await;
+                        return DisconnectReason::ServerClosed;
+                    }
+                    if !unit.is_empty() {
+                        let mut b = BytesMut::with_capacity(unit.len() + self.client.rbuf.len());
+                        b.extend_from_slice(&unit);
+                        b.extend_from_slice(&self.client.rbuf);
+                        self.client.rbuf = b;
+                    }
+                }
             }
         }
     }
 
     /// A server for the client's next unit of work: a replica when routing allows it.
-    async fn checkout(&mut self) -> Result<(PooledServer, Choice), PoolError> {
+    /// For a replica, also a copy of the unit when it may be sent again elsewhere.
+    async fn checkout(&mut self) -> Result<(PooledServer, Choice, Option<Bytes>), PoolError> {
         let wait = self.cfg.query_wait_timeout;
         let mut choice = Choice {
             target: Target::Primary,
@@ -670,13 +699,17 @@ impl Session<'_> {
         };
         if let Some(set) = &self.replicas {
             // A malformed message is reported by the pump, on the primary.
-            let unit = next_unit(
+            let next = next_unit(
                 &self.client.rbuf,
                 &self.statements,
                 self.cfg.max_message_size,
             )
-            .unwrap_or(Unit::Unknown);
-            let decision = routing::classify(&self.shared.router, &unit);
+            .unwrap_or(Next {
+                unit: Unit::Unknown,
+                len: 0,
+                replayable: false,
+            });
+            let decision = routing::classify(&self.shared.router, &next.unit);
             choice = set.choose(
                 self.read_routing,
                 self.cfg.read_your_writes,
@@ -685,7 +718,12 @@ impl Session<'_> {
             );
             if let Target::Replica(i) = choice.target {
                 match set.pools[i].checkout(wait).await {
-                    Ok(s) => return Ok((s, choice)),
+                    Ok(s) => {
+                        let replay = next
+                            .replayable
+                            .then(|| Bytes::copy_from_slice(&self.client.rbuf[..next.len]));
+                        return Ok((s, choice, replay));
+                    }
                     Err(PoolError::Connect(e)) => {
                         // Down between transactions: the client does not notice.
                         set.topology.replicas[i].mark_down(&e.to_string());
@@ -699,10 +737,19 @@ impl Session<'_> {
                 }
             }
         }
-        Ok((self.pool.checkout(wait).await?, choice))
+        Ok((self.pool.checkout(wait).await?, choice, None))
     }
 
-    async fn link(&mut self, mut server: PooledServer, choice: Choice) -> LinkEnd {
+    async fn link(
+        &mut self,
+        mut server: PooledServer,
+        choice: Choice,
+        replay: Option<Bytes>,
+    ) -> LinkEnd {
+        let replica = match (&self.replicas, choice.target) {
+            (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
+            _ => None,
+        };
         if let Some(sql) = self.params.sync_sql(&server.params) {
             match server.simple_query(&sql).await {
                 Ok(None) => {
@@ -717,6 +764,12 @@ impl Session<'_> {
                 }
                 Err(_) => {
                     server.dirty = true;
+                    if let (Some(r), Some(set)) = (&replica, &self.replicas) {
+                        // Nothing of the client's was sent yet: route the unit again.
+                        r.mark_down("connection lost");
+                        set.topology.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        return LinkEnd::Retry(Bytes::new());
+                    }
                     self.client
                         .fail(
                             Severity::Fatal,
@@ -729,14 +782,10 @@ impl Session<'_> {
             }
         }
         self.registration.slot.link(&server.cancel);
-        let replica = match (&self.replicas, choice.target) {
-            (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
-            _ => None,
-        };
         if let Some(r) = &replica {
             r.outstanding.fetch_add(1, Ordering::Relaxed);
         }
-        let end = self.forward(&mut server, replica.is_some()).await;
+        let end = self.forward(&mut server, replica.is_some(), replay).await;
         self.registration.slot.unlink().await;
         if matches!(end, LinkEnd::Released) {
             server
@@ -751,6 +800,11 @@ impl Session<'_> {
             match &replica {
                 Some(r) => {
                     r.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    if let LinkEnd::Retry(_) = end {
+                        r.mark_down("connection lost");
+                        stats.retried.fetch_add(1, Ordering::Relaxed);
+                        return end;
+                    }
                     r.transactions.fetch_add(1, Ordering::Relaxed);
                     stats.replica.fetch_add(1, Ordering::Relaxed);
                 }
@@ -776,7 +830,18 @@ impl Session<'_> {
     /// `one_unit`: the server was chosen for one unit of work at a time (a replica): the
     /// client's next unit waits until this one's transaction is over, so that it is
     /// routed on its own.
-    async fn forward(&mut self, server: &mut Server, one_unit: bool) -> LinkEnd {
+    ///
+    /// `replay`: the first unit's bytes, when it may run again elsewhere. Its answer is
+    /// held back until complete (up to [`HOLD_LIMIT`]); if the server dies before that,
+    /// the link ends with [`LinkEnd::Retry`] and the client sees nothing of it. A unit on a
+    /// replica has no side effects (a hot standby cannot write), so running it again is
+    /// safe.
+    async fn forward(
+        &mut self,
+        server: &mut Server,
+        one_unit: bool,
+        mut replay: Option<Bytes>,
+    ) -> LinkEnd {
         let max = self.cfg.max_message_size;
         let client = &mut self.client;
         let params = &mut self.params;
@@ -791,7 +856,26 @@ impl Session<'_> {
         let mut client_done = false;
         // One-unit mode: the unit has been pumped whole.
         let mut unit_done = false;
+        let reply_start = client.wbuf.len();
         loop {
+            if to_server.is_empty()
+                && server.expect.is_empty()
+                && !server.unsynced
+                && server.pending_body == 0
+                && server.status == b'I'
+                && !server.buf.is_empty()
+            {
+                // Bytes after the transaction's last answer (scan_server leaves them): an
+                // unsolicited message such as a shutting-down backend's FATAL. The server
+                // goes, the client carries on.
+                server.dirty = true;
+                return LinkEnd::Released;
+            }
+            if (unit_done && server.expect.is_empty() && !server.unsynced)
+                || client.wbuf.len().saturating_sub(reply_start) > HOLD_LIMIT
+            {
+                replay = None; // answered, or too big to hold: never sent again
+            }
             if one_unit
                 && unit_done
                 && to_server.is_empty()
@@ -859,12 +943,13 @@ impl Session<'_> {
                 let can_read_client =
                     !client_done && rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT;
                 let can_read_server = wbuf.len() < OUT_LIMIT;
+                let hold = replay.is_some();
                 let to_server = &mut *to_server;
                 tokio::select! {
                     r = poll_fn(|cx| sockio::poll_read_drain(cs, rbuf, cx)), if can_read_client => Ev::ClientRead(r),
                     r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
                     r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
-                    r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() => Ev::ClientWrite(r),
+                    r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
                 }
             };
             match ev {
@@ -874,6 +959,10 @@ impl Session<'_> {
                 Ev::ClientRead(Ok(_)) => {}
                 Ev::ServerRead(Ok(0) | Err(_)) | Ev::ServerWrite(Err(_)) => {
                     server.dirty = true;
+                    if let Some(unit) = replay.take() {
+                        client.wbuf.truncate(reply_start);
+                        return LinkEnd::Retry(unit);
+                    }
                     client
                         .fail(
                             Severity::Fatal,

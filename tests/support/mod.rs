@@ -42,6 +42,8 @@ full_page_writes = off
 password_encryption = 'scram-sha-256'
 wal_level = replica
 max_wal_senders = 10
+# Keep WAL for replicas made one after another (1 MB segments recycle fast).
+wal_keep_size = 64MB
 hot_standby = on
 max_connections = 300
 shared_buffers = 32MB
@@ -1470,5 +1472,130 @@ impl TestDb {
     /// A raw protocol connection to `px`, logged in as the test user.
     pub fn raw(&self, px: &Pgmux) -> RawConn {
         RawConn::login(px.port(), &self.user, &self.password, &self.db)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replicas: clusters with streaming replicas, reloadable settings
+// ---------------------------------------------------------------------------
+
+impl PgNode {
+    /// Appends `key = 'value'` to postgresql.auto.conf (read after
+    /// postgresql.conf, so it wins) and reloads the server. Only for
+    /// settings that take effect on reload (e.g. recovery_min_apply_delay);
+    /// the reload is asynchronous, see [`PgNode::wait_setting`].
+    pub fn set_conf(&self, key: &str, value: &str) {
+        let path = self.data_dir.join("postgresql.auto.conf");
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        writeln!(file, "{key} = {}", quote_literal(value))
+            .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+        drop(file);
+        self.reload();
+    }
+
+    /// `pg_ctl reload` (SIGHUP to the postmaster).
+    pub fn reload(&self) {
+        run_ok(
+            pg_server_cmd("pg_ctl")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .arg("reload"),
+            "pg_ctl reload",
+        );
+    }
+
+    /// The value of `SHOW key` on this node (as superuser, database postgres).
+    pub fn show(&self, key: &str) -> String {
+        self.psql("postgres", &format!("SHOW {key};"))
+    }
+
+    /// Waits (up to `timeout`) until `SHOW key` on this node returns
+    /// `expected` (new sessions see a reloaded setting once the postmaster
+    /// has processed the SIGHUP).
+    pub fn wait_setting(&self, key: &str, expected: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.try_psql("postgres", &format!("SHOW {key};"));
+            if now.as_deref() == Ok(expected) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{key} on port {} is {now:?}, not {expected:?}, {timeout:?} after reload",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl PgCluster {
+    /// A fresh primary with `n` streaming replicas, all caught up.
+    pub fn with_replicas(n: usize) -> PgCluster {
+        let mut cluster = PgCluster::start();
+        cluster.keep_wal_for_replicas();
+        for _ in 0..n {
+            cluster.add_replica();
+        }
+        cluster
+    }
+
+    /// Sets `wal_keep_size = 64MB` on the primary. With the template's 1 MB
+    /// WAL segments and no replication slots, the fast checkpoint of a
+    /// second `pg_basebackup` can otherwise remove a segment the first
+    /// replica has not streamed yet ("requested WAL segment … has already
+    /// been removed"), and that replica never catches up again.
+    pub fn keep_wal_for_replicas(&self) {
+        self.primary.set_conf("wal_keep_size", "64MB");
+        self.primary
+            .wait_setting("wal_keep_size", "64MB", Duration::from_secs(10));
+    }
+
+    /// The replicas' ports, in order.
+    pub fn replica_ports(&self) -> Vec<u16> {
+        self.replicas.iter().map(|r| r.port).collect()
+    }
+
+    /// Comma-separated replica URLs for `user`/`password`/`db` (the form
+    /// READ_DATABASE_URL takes).
+    pub fn replica_urls(&self, user: &str, password: &str, db: &str) -> String {
+        self.replicas
+            .iter()
+            .map(|r| r.url(user, password, db))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl TestDb {
+    /// Like [`TestDb::new`], with `n` streaming replicas. The user and
+    /// database exist on the replicas too (they are created before the
+    /// replicas are cloned).
+    pub fn with_replicas(prefix: &str, n: usize) -> TestDb {
+        let mut env = TestDb::new(prefix);
+        env.cluster.keep_wal_for_replicas();
+        for _ in 0..n {
+            env.cluster.add_replica();
+        }
+        env
+    }
+
+    /// READ_DATABASE_URL for the test user: every replica, comma-separated.
+    pub fn read_database_url(&self) -> String {
+        self.cluster
+            .replica_urls(&self.user, &self.password, &self.db)
+    }
+
+    /// pgmux with DATABASE_URL (primary) and READ_DATABASE_URL (every
+    /// replica), plus `extra_env`.
+    pub fn pgmux_with_replicas(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Pgmux {
+        let read_url = self.read_database_url();
+        let mut envs = vec![("READ_DATABASE_URL", read_url.as_str())];
+        envs.extend_from_slice(extra_env);
+        self.pgmux_env(args, &envs)
     }
 }
