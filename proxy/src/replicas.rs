@@ -338,7 +338,28 @@ impl WriteMark {
 
 /// Time allowed for one health query (connect has its own timeout).
 fn query_timeout(s: &HealthSettings) -> Duration {
-    (s.interval * 10).clamp(Duration::from_secs(1), Duration::from_secs(5))
+    (s.interval * 10).clamp(Duration::from_secs(3), Duration::from_secs(10))
+}
+
+/// Health-query failures in a row (on an established connection) that take a replica
+/// out of rotation: one slow answer on a busy machine is not an outage. A refused
+/// connection counts at once.
+const QUERY_FAILURES_TO_MARK_DOWN: u32 = 2;
+
+/// Why a health sample failed.
+enum SampleError {
+    /// Could not connect or log in: the replica is not usable now.
+    Connect(String),
+    /// The query failed or timed out on an open connection (which is dropped).
+    Query(String),
+}
+
+impl std::fmt::Display for SampleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SampleError::Connect(e) | SampleError::Query(e) => f.write_str(e),
+        }
+    }
 }
 
 async fn connect(addr: &Arc<ServerAddr>, s: &HealthSettings) -> Result<Server, String> {
@@ -353,9 +374,9 @@ async fn sample(
     addr: &Arc<ServerAddr>,
     s: &HealthSettings,
     sql: &str,
-) -> Result<Vec<Option<String>>, String> {
+) -> Result<Vec<Option<String>>, SampleError> {
     if conn.is_none() {
-        *conn = Some(connect(addr, s).await?);
+        *conn = Some(connect(addr, s).await.map_err(SampleError::Connect)?);
     }
     let server = conn.as_mut().expect("set above");
     let r = tokio::time::timeout(query_timeout(s), server.first_row(sql)).await;
@@ -363,15 +384,15 @@ async fn sample(
         Ok(Ok(Ok(row))) => Ok(row),
         Ok(Ok(Err(e))) => {
             *conn = None;
-            Err(format!("{}: {}", e.code(), e.message()))
+            Err(SampleError::Query(format!("{}: {}", e.code(), e.message())))
         }
         Ok(Err(e)) => {
             *conn = None;
-            Err(e.to_string())
+            Err(SampleError::Query(e.to_string()))
         }
         Err(_) => {
             *conn = None;
-            Err("health check timed out".into())
+            Err(SampleError::Query("health check timed out".into()))
         }
     }
 }
@@ -445,6 +466,7 @@ async fn replica_loop(
     stop: CancellationToken,
 ) {
     let mut conn = None;
+    let mut failures = 0;
     let mut tick = tokio::time::interval(s.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -454,6 +476,7 @@ async fn replica_loop(
         }
         match sample(&mut conn, &r.addr, &s, REPLICA_SQL).await {
             Ok(row) => {
+                failures = 0;
                 let in_recovery = row.first().cloned().flatten().as_deref() == Some("t");
                 let replay = row.get(1).cloned().flatten().as_deref().and_then(parse_lsn);
                 match (in_recovery, replay) {
@@ -476,7 +499,16 @@ async fn replica_loop(
                     }
                 }
             }
-            Err(e) => r.mark_down(&e),
+            Err(SampleError::Connect(e)) => {
+                failures = 0;
+                r.mark_down(&e);
+            }
+            Err(SampleError::Query(e)) => {
+                failures += 1;
+                if failures >= QUERY_FAILURES_TO_MARK_DOWN {
+                    r.mark_down(&e);
+                }
+            }
         }
     }
     if let Some(c) = conn {
