@@ -131,22 +131,11 @@ if [ -z "$SCEN_LIST" ] && [ "$RUN_SWEEP" -eq 0 ]; then
 fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-log() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
 log "scenarios: ${SCEN_LIST:-none}$([ "$RUN_SWEEP" -eq 1 ] && echo "; sweep: modes '$MODES' x clients '$CLIENTS'")"
 
 # --- tools ---------------------------------------------------------------------
-find_pg_bindir() {
-    local d
-    if [ -n "${PG_BINDIR:-}" ] && [ -x "$PG_BINDIR/initdb" ]; then echo "$PG_BINDIR"; return 0; fi
-    if command -v pg_config >/dev/null 2>&1; then
-        d="$(pg_config --bindir 2>/dev/null || true)"
-        if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
-    fi
-    for d in $(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V -r); do
-        if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
-    done
-    return 1
-}
 PG_BIN="$(find_pg_bindir)" || {
     echo "PostgreSQL server binaries not found; install with: apt-get install -y postgresql" >&2
     exit 1
@@ -172,10 +161,6 @@ if [ -n "$PGBOUNCER" ]; then
     fi
 fi
 
-# PostgreSQL and PgBouncer refuse to run as root.
-AS_PG=()
-if [ "$(id -u)" -eq 0 ]; then AS_PG=(runuser -u postgres --); fi
-as_pg() { "${AS_PG[@]}" "$@"; }
 
 # 1000 active / 10,000 idle clients need that many fds in pgbench, the Python clients and
 # the poolers (inherited; PgBouncer's is raised again after runuser, see start_pgbouncer).
@@ -193,12 +178,6 @@ MUX_PIDS=()      # pgmux instances started by this run (children of this shell)
 PGB_PIDFILES=()  # PgBouncer instances started by this run (daemonized, by pidfile)
 PG_STARTED=0
 
-alive() { # pid: running and not a zombie
-    local s
-    s="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    s="${s##*) }"
-    [ "${s%% *}" != Z ]
-}
 stop_pid() { # pid: SIGTERM, up to 5 s, then SIGKILL
     local p="$1"
     alive "$p" || return 0
@@ -237,28 +216,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# Listening ports are drawn below the kernel's ephemeral range: a port that is the local
-# end of some outgoing connection (ours, or another benchmark's) is free for connect()
-# but bind() fails with "Address already in use".
-read -r EPH_LO _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPH_LO=32768
-if [ "${EPH_LO:-0}" -gt 12000 ]; then PORT_LO=10000; PORT_N=$((EPH_LO - 10000)); else PORT_LO=20000; PORT_N=40000; fi
-port_bound() { # port: any TCP socket (listening or connected) uses it locally
-    if command -v ss >/dev/null 2>&1; then
-        [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
-    else
-        port_in_use "$1"
-    fi
-}
-free_port() {
-    local p
-    for _ in $(seq 100); do
-        p=$((PORT_LO + RANDOM % PORT_N))
-        if ! port_bound "$p" && ! port_in_use "$p"; then echo "$p"; return 0; fi
-    done
-    echo "no free port found" >&2
-    return 1
-}
 wait_port() { # port seconds
     local _i
     for _i in $(seq $(($2 * 10))); do
@@ -433,15 +390,6 @@ if [ -n "$PGBOUNCER" ]; then
 fi
 
 # --- measurement helpers ------------------------------------------------------
-cpu_ticks() { # pid -> utime+stime (clock ticks, all threads)
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo 0; return; }
-    stat="${stat##*) }" # strip "pid (comm) " (comm may contain spaces)
-    # shellcheck disable=SC2086
-    set -- $stat
-    # After stripping, field 1 is state (overall field 3): utime=14 -> 12, stime=15 -> 13.
-    echo $(("${12}" + "${13}"))
-}
 peak_rss_mb() { # pid -> VmHWM in MB
     local v
     v="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || true)"

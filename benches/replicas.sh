@@ -123,7 +123,8 @@ kind_flags() { # kind -> pgbench script flags
 }
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-log() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=benches/common.sh
+. "$ROOT/benches/common.sh"
 
 # Nothing from the caller's environment may change pgmux's configuration or where the
 # PostgreSQL tools connect.
@@ -132,18 +133,6 @@ unset DATABASE_URL READ_DATABASE_URL PGHOST PGPORT PGUSER PGDATABASE PGOPTIONS P
     PGSSLMODE PGCONNECT_TIMEOUT PGPASSFILE PGHOSTADDR || true
 
 # --- tools ---------------------------------------------------------------------
-find_pg_bindir() {
-    local d
-    if [ -n "${PG_BINDIR:-}" ] && [ -x "$PG_BINDIR/initdb" ]; then echo "$PG_BINDIR"; return 0; fi
-    if command -v pg_config >/dev/null 2>&1; then
-        d="$(pg_config --bindir 2>/dev/null || true)"
-        if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
-    fi
-    for d in $(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V -r); do
-        if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
-    done
-    return 1
-}
 PG_BIN="$(find_pg_bindir)" || {
     echo "PostgreSQL server binaries not found; install with: apt-get install -y postgresql" >&2
     exit 1
@@ -152,10 +141,6 @@ for t in pgbench pg_basebackup psql pg_ctl; do
     [ -x "$PG_BIN/$t" ] || { echo "$t not found in $PG_BIN" >&2; exit 1; }
 done
 
-# PostgreSQL refuses to run as root.
-AS_PG=()
-if [ "$(id -u)" -eq 0 ]; then AS_PG=(runuser -u postgres --); fi
-as_pg() { "${AS_PG[@]}" "$@"; }
 
 CLK_TCK="$(getconf CLK_TCK)"
 
@@ -164,12 +149,6 @@ TMP=""
 MUX_PIDS=()   # pgmux instances started by this run (children of this shell)
 PG_DATADIRS=() # started clusters (replicas first at cleanup)
 
-alive() { # pid: running and not a zombie
-    local s
-    s="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    s="${s##*) }"
-    [ "${s%% *}" != Z ]
-}
 STOP_HOW=""
 stop_pid() { # pid [seconds before SIGKILL]: SIGTERM, then SIGKILL -> STOP_HOW
     local p="$1" n=$((${2:-5} * 10))
@@ -200,32 +179,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# Listening ports are drawn below the kernel's ephemeral range (see benches/load.sh).
-read -r EPH_LO _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPH_LO=32768
-if [ "${EPH_LO:-0}" -gt 12000 ]; then PORT_LO=10000; PORT_N=$((EPH_LO - 10000)); else PORT_LO=20000; PORT_N=40000; fi
-USED_PORTS=" "
-port_bound() { # port: any TCP socket (listening or connected) uses it locally
-    if command -v ss >/dev/null 2>&1; then
-        [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
-    else
-        port_in_use "$1"
-    fi
-}
-free_port() {
-    local p
-    for _ in $(seq 100); do
-        p=$((PORT_LO + RANDOM % PORT_N))
-        [[ "$USED_PORTS" == *" $p "* ]] && continue
-        if ! port_bound "$p" && ! port_in_use "$p" && [ ! -e "$TMP/sock/.s.PGSQL.$p" ]; then
-            echo "$p"
-            return 0
-        fi
-    done
-    echo "no free port found" >&2
-    return 1
-}
 
 isnum() { [[ "${1:-}" =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; }
 now() { date +%s.%N; }
@@ -384,14 +337,6 @@ wait_backends_gone() { # seconds: no client backend of database bench left on an
 settle_stats() {
     wait_backends_gone 20 || log "WARNING: bench backends still connected after 20 s; counts may be short"
     sleep 1
-}
-cpu_ticks() { # pid -> utime+stime (clock ticks, all threads)
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo 0; return; }
-    stat="${stat##*) }" # strip "pid (comm) " (comm may contain spaces)
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo $(("${12}" + "${13}"))
 }
 
 STARTED_PID=""

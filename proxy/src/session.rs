@@ -107,6 +107,16 @@ impl Client {
         }
     }
 
+    /// The server failed under the client: FATAL 08006, as libpq words it, then close.
+    async fn server_lost(&mut self) {
+        self.fail(
+            Severity::Fatal,
+            sqlstate::CONNECTION_FAILURE,
+            "server closed the connection unexpectedly",
+        )
+        .await;
+    }
+
     /// A protocol violation: FATAL 08P01 with the reason, then close.
     async fn protocol_violation(&mut self, e: &(dyn std::fmt::Display + Sync)) -> DisconnectReason {
         let text = e.to_string();
@@ -669,13 +679,7 @@ impl Session<'_> {
                 LinkEnd::Retry(unit) => {
                     retries += 1;
                     if retries > MAX_UNIT_RETRIES {
-                        self.client
-                            .fail(
-                                Severity::Fatal,
-                                sqlstate::CONNECTION_FAILURE,
-                                "server closed the connection unexpectedly",
-                            )
-                            .await;
+                        self.client.server_lost().await;
                         return DisconnectReason::ServerClosed;
                     }
                     if !unit.is_empty() {
@@ -770,13 +774,7 @@ impl Session<'_> {
                         set.topology.stats.retried.fetch_add(1, Ordering::Relaxed);
                         return LinkEnd::Retry(Bytes::new());
                     }
-                    self.client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::CONNECTION_FAILURE,
-                            "server closed the connection unexpectedly",
-                        )
-                        .await;
+                    self.client.server_lost().await;
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
             }
@@ -963,13 +961,7 @@ impl Session<'_> {
                         client.wbuf.truncate(reply_start);
                         return LinkEnd::Retry(unit);
                     }
-                    client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::CONNECTION_FAILURE,
-                            "server closed the connection unexpectedly",
-                        )
-                        .await;
+                    client.server_lost().await;
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
                 Ev::ServerRead(Ok(_)) => {

@@ -1,0 +1,69 @@
+# shellcheck shell=bash
+# Shared helpers for the benchmark scripts (sourced by benches/load.sh and
+# benches/replicas.sh after they set ROOT and TMP="").
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+find_pg_bindir() {
+    local d
+    if [ -n "${PG_BINDIR:-}" ] && [ -x "$PG_BINDIR/initdb" ]; then echo "$PG_BINDIR"; return 0; fi
+    if command -v pg_config >/dev/null 2>&1; then
+        d="$(pg_config --bindir 2>/dev/null || true)"
+        if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+    fi
+    for d in $(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V -r); do
+        if [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+    done
+    return 1
+}
+
+# PostgreSQL and PgBouncer refuse to run as root.
+AS_PG=()
+if [ "$(id -u)" -eq 0 ]; then AS_PG=(runuser -u postgres --); fi
+as_pg() { "${AS_PG[@]}" "$@"; }
+
+alive() { # pid: running and not a zombie
+    local s
+    s="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    s="${s##*) }"
+    [ "${s%% *}" != Z ]
+}
+
+# Listening ports are drawn below the kernel's ephemeral range: a port that is the local
+# end of some outgoing connection (ours, or another benchmark's) is free for connect()
+# but bind() fails with "Address already in use".
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+read -r EPH_LO _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPH_LO=32768
+if [ "${EPH_LO:-0}" -gt 12000 ]; then PORT_LO=10000; PORT_N=$((EPH_LO - 10000)); else PORT_LO=20000; PORT_N=40000; fi
+USED_PORTS=" "
+port_bound() { # port: any TCP socket (listening or connected) uses it locally
+    if command -v ss >/dev/null 2>&1; then
+        [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
+    else
+        port_in_use "$1"
+    fi
+}
+free_port() {
+    local p
+    for _ in $(seq 100); do
+        p=$((PORT_LO + RANDOM % PORT_N))
+        [[ "$USED_PORTS" == *" $p "* ]] && continue
+        if ! port_bound "$p" && ! port_in_use "$p" && [ ! -e "$TMP/sock/.s.PGSQL.$p" ]; then
+            echo "$p"
+            return 0
+        fi
+    done
+    echo "no free port found" >&2
+    return 1
+}
+
+
+cpu_ticks() { # pid -> utime+stime (clock ticks, all threads)
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo 0; return; }
+    stat="${stat##*) }" # strip "pid (comm) " (comm may contain spaces)
+    # shellcheck disable=SC2086
+    set -- $stat
+    # After stripping, field 1 is state (overall field 3): utime=14 -> 12, stime=15 -> 13.
+    echo $(("${12}" + "${13}"))
+}
