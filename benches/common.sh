@@ -67,3 +67,22 @@ cpu_ticks() { # pid -> utime+stime (clock ticks, all threads)
     # After stripping, field 1 is state (overall field 3): utime=14 -> 12, stime=15 -> 13.
     echo $(("${12}" + "${13}"))
 }
+
+# Builds pgmux in release unless BUILD=0 (--no-build); sets PGMUX_BIN.
+build_pgmux() {
+    PGMUX_BIN="$ROOT/target/release/pgmux"
+    if [ "$BUILD" -eq 1 ]; then
+        log "building pgmux (release)"
+        (cd "$ROOT" && cargo build --release)
+    fi
+    [ -x "$PGMUX_BIN" ] || { echo "$PGMUX_BIN not found (build it, or drop --no-build)" >&2; exit 1; }
+}
+
+# Creates the run's directory (with a socket dir PostgreSQL can use); sets TMP, which
+# the caller's cleanup trap removes.
+make_tmp() { # prefix
+    TMP="$(mktemp -d "/tmp/$1.XXXXXX")"
+    chmod 755 "$TMP"
+    mkdir -p "$TMP/sock"
+    if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$TMP"; fi
+}

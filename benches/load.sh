@@ -226,18 +226,10 @@ wait_port() { # port seconds
 }
 
 # --- build pgmux -------------------------------------------------------------
-PGMUX_BIN="$ROOT/target/release/pgmux"
-if [ "$BUILD" -eq 1 ]; then
-    log "building pgmux (release)"
-    (cd "$ROOT" && cargo build --release)
-fi
-[ -x "$PGMUX_BIN" ] || { echo "$PGMUX_BIN not found (build it, or drop --no-build)" >&2; exit 1; }
+build_pgmux
 
 # --- PostgreSQL --------------------------------------------------------------
-TMP="$(mktemp -d /tmp/pgmux-bench.XXXXXX)"
-chmod 755 "$TMP"
-mkdir -p "$TMP/sock"
-if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$TMP"; fi
+make_tmp pgmux-bench
 
 PG_PORT="$(free_port)"
 log "initdb + start PostgreSQL on 127.0.0.1:$PG_PORT ($TMP)"

@@ -184,18 +184,10 @@ isnum() { [[ "${1:-}" =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; }
 now() { date +%s.%N; }
 
 # --- build pgmux -------------------------------------------------------------
-PGMUX_BIN="$ROOT/target/release/pgmux"
-if [ "$BUILD" -eq 1 ]; then
-    log "building pgmux (release)"
-    (cd "$ROOT" && cargo build --release)
-fi
-[ -x "$PGMUX_BIN" ] || { echo "$PGMUX_BIN not found (build it, or drop --no-build)" >&2; exit 1; }
+build_pgmux
 
 # --- PostgreSQL: primary -----------------------------------------------------------
-TMP="$(mktemp -d /tmp/pgmux-replicas.XXXXXX)"
-chmod 755 "$TMP"
-mkdir -p "$TMP/sock"
-if [ "$(id -u)" -eq 0 ]; then chown -R postgres: "$TMP"; fi
+make_tmp pgmux-replicas
 
 PG_PORT="$(free_port)"
 USED_PORTS="$USED_PORTS$PG_PORT "
