@@ -308,6 +308,13 @@ impl Topology {
         r.is_healthy() && r.replay_lsn() >= needed
     }
 
+    /// A replica connection died before answering a unit that is now sent elsewhere: the
+    /// replica leaves the rotation until the health loop sees it again.
+    pub fn lost_before_answer(&self, r: &Replica) {
+        r.mark_down("connection lost");
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn max_lag(&self) -> Duration {
         self.max_lag
     }

@@ -770,8 +770,7 @@ impl Session<'_> {
                     server.dirty = true;
                     if let (Some(r), Some(set)) = (&replica, &self.replicas) {
                         // Nothing of the client's was sent yet: route the unit again.
-                        r.mark_down("connection lost");
-                        set.topology.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        set.topology.lost_before_answer(r);
                         return LinkEnd::Retry(Bytes::new());
                     }
                     self.client.server_lost().await;
@@ -799,8 +798,7 @@ impl Session<'_> {
                 Some(r) => {
                     r.outstanding.fetch_sub(1, Ordering::Relaxed);
                     if let LinkEnd::Retry(_) = end {
-                        r.mark_down("connection lost");
-                        stats.retried.fetch_add(1, Ordering::Relaxed);
+                        set.topology.lost_before_answer(r);
                         return end;
                     }
                     r.transactions.fetch_add(1, Ordering::Relaxed);
