@@ -12,7 +12,7 @@ use std::{ops::Range, path::Path};
 
 use crate::{
     pgurl,
-    scalar::{parse_read_routing, parse_usize, Raw, Scalars, Sourced, SCALAR_KEYS},
+    scalar::{parse_read_routing, parse_usize, Raw, Scalars, Sourced, ADMIN_KEYS, SCALAR_KEYS},
     ConfigError, DbLayer, FileLayer, Origin, ReadRouting, Secret, UserLayer,
 };
 
@@ -24,7 +24,7 @@ enum Val {
     Str(String),
     Int(i64),
     Float,
-    Bool,
+    Bool(bool),
     Datetime,
     Array(Vec<Node>),
     Table(Table),
@@ -53,6 +53,7 @@ impl Val {
         match self {
             Val::Str(s) => Raw::Str(s),
             Val::Int(i) => Raw::Int(*i),
+            Val::Bool(b) => Raw::Bool(*b),
             other => Raw::Other(describe(other)),
         }
     }
@@ -73,7 +74,7 @@ fn convert_value(v: &toml_edit::Value, fallback: Range<usize>) -> Node {
         V::String(s) => Val::Str(s.value().clone()),
         V::Integer(i) => Val::Int(*i.value()),
         V::Float(_) => Val::Float,
-        V::Boolean(_) => Val::Bool,
+        V::Boolean(b) => Val::Bool(*b.value()),
         V::Datetime(_) => Val::Datetime,
         V::Array(a) => Val::Array(
             a.iter()
@@ -214,7 +215,7 @@ fn describe(v: &Val) -> &'static str {
         Val::Str(_) => "a string",
         Val::Int(_) => "an integer",
         Val::Float => "a float",
-        Val::Bool => "a boolean",
+        Val::Bool(_) => "a boolean",
         Val::Array(_) => "an array",
         Val::Table(_) => "a table",
     }
@@ -269,6 +270,19 @@ pub(crate) fn parse(
                     layer.users.insert(name_str.clone(), u);
                 }
             }
+            "admin" => {
+                for (k, ks, v) in ctx.table(key, v)? {
+                    let full = format!("admin.{k}");
+                    if !ADMIN_KEYS.contains(&full.as_str()) {
+                        return Err(ctx.err(
+                            &full,
+                            ks.clone(),
+                            format!("unknown key (expected one of: {})", ADMIN_KEYS.join(", ")),
+                        ));
+                    }
+                    scalars.set(&full, v.get_ref().raw(), ctx.origin(v.span()))?;
+                }
+            }
             k if SCALAR_KEYS.contains(&k) => {
                 let items = v.get_ref().raw_items();
                 let raw = match &items {
@@ -282,7 +296,7 @@ pub(crate) fn parse(
                     key,
                     ks.clone(),
                     format!(
-                        "unknown key (expected one of: {}, databases, users)",
+                        "unknown key (expected one of: {}, admin, databases, users)",
                         SCALAR_KEYS.join(", ")
                     ),
                 ))

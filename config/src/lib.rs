@@ -41,6 +41,14 @@
 //!   (`[databases.NAME]`) and per user (`[users.NAME]`); the per-user setting
 //!   wins over the per-database one, which wins over the global one (see
 //!   [`Config::read_routing_for`]).
+//! * Admin: the `[admin]` table (`listen`, `token`, `protect_reads`; env
+//!   `PGMUX_ADMIN_*`, flag `--admin-listen`), and the console's `admin_users` /
+//!   `stats_users` (lists like `write_functions`). Without any `stats_users`, the
+//!   `DATABASE_URL` user is the stats user. The token is a [`Secret`], at least 16
+//!   characters.
+//! * Live changes: [`Config::with_changes`] applies `(key, value)` pairs for the keys
+//!   that can change on a running pgmux (limits and timeouts), with the same parsing and
+//!   range checks as loading (origin [`Origin::Live`]); anything else is refused.
 //! * `DATABASE_URL` replaces the primary of the database named by the URL's
 //!   database name; that database's replicas from the file are dropped (they
 //!   belong to the replaced server) while its `pool_size` and `read_routing`
@@ -73,6 +81,8 @@ pub struct Flags {
     pub pool_size: Option<String>,
     /// `--max-client-conn`
     pub max_client_conn: Option<String>,
+    /// `--admin-listen`
+    pub admin_listen: Option<String>,
 }
 
 /// Fully layered and validated configuration.
@@ -119,10 +129,55 @@ pub struct Config {
     /// lowercased, each made of `[a-z0-9_.$]` (`"app.bump_counter"` may be
     /// schema-qualified); default empty.
     pub write_functions: Vec<String>,
+    /// Server connections each pool keeps open even when idle; default 0, at most
+    /// `pool_size`.
+    pub min_pool_size: usize,
+    /// Users that may run every command of the SQL admin console (database `pgbouncer`
+    /// or `pgmux`); default none.
+    pub admin_users: Vec<String>,
+    /// Users that may run the console's read-only `SHOW` commands; default none, or the
+    /// `DATABASE_URL` user when no source sets it (the zero-config start).
+    pub stats_users: Vec<String>,
+    /// The admin HTTP listener (`[admin]`).
+    pub admin: Admin,
     /// Key = the database name clients ask for.
     pub databases: BTreeMap<String, Database>,
     /// Key = user name.
     pub users: BTreeMap<String, User>,
+}
+
+/// The admin HTTP listener's settings (`[admin]` in the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// `admin.listen`; default `127.0.0.1:9930` (set `0.0.0.0:9930` in Kubernetes).
+    pub listen: SocketAddr,
+    /// `admin.token`: bearer token for mutating endpoints (at least 16 characters).
+    /// Without it, mutating endpoints only answer loopback peers.
+    pub token: Option<Secret>,
+    /// `admin.protect_reads`: read-only endpoints (and `/metrics`) need the token too;
+    /// default false. Probes stay open.
+    pub protect_reads: bool,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            token: None,
+            protect_reads: false,
+        }
+    }
+}
+
+/// One effective setting, for `SHOW CONFIG` and `GET /api/v1/config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub key: String,
+    /// The value as the configuration file would spell it; secrets are `<redacted>`.
+    pub value: String,
+    pub default: String,
+    /// Can be changed on a running pgmux ([`Config::with_changes`]).
+    pub changeable: bool,
 }
 
 /// Client authentication method.
@@ -370,6 +425,8 @@ pub enum Origin {
     Env(String),
     /// A command-line flag (e.g. `--pool-size`).
     Flag(String),
+    /// A change made on the running process (admin API or console `SET`).
+    Live,
 }
 
 impl fmt::Display for Origin {
@@ -383,6 +440,7 @@ impl fmt::Display for Origin {
             Origin::File { path, line: None } => write!(f, "config file {}", path.display()),
             Origin::Env(name) => write!(f, "environment variable {name}"),
             Origin::Flag(name) => write!(f, "flag {name}"),
+            Origin::Live => f.write_str("live change"),
         }
     }
 }
@@ -429,6 +487,10 @@ impl Default for Config {
             max_replica_lag: DEFAULT_MAX_REPLICA_LAG,
             replica_check_interval: DEFAULT_REPLICA_CHECK_INTERVAL,
             write_functions: Vec::new(),
+            min_pool_size: 0,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            admin: Admin::default(),
             databases: BTreeMap::new(),
             users: BTreeMap::new(),
         }
@@ -455,6 +517,40 @@ impl Config {
             .and_then(|u| u.read_routing)
             .or_else(|| self.databases.get(database).and_then(|d| d.read_routing))
             .unwrap_or(self.read_routing)
+    }
+
+    /// This configuration with live changes applied: `(key, value)` pairs in the
+    /// configuration file's spelling, for the keys listed as changeable in
+    /// [`Config::settings`]. All are checked before any applies; the error names the key.
+    pub fn with_changes(&self, changes: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut scalars = Scalars::default();
+        for (key, value) in changes {
+            if !scalar::LIVE_KEYS.contains(&key.as_str()) {
+                let known = scalar::SCALAR_KEYS.contains(&key.as_str())
+                    || scalar::ADMIN_KEYS.contains(&key.as_str());
+                let message = if known {
+                    "cannot be changed on a running pgmux; edit the configuration and reload \
+                     or restart"
+                        .to_string()
+                } else {
+                    format!(
+                        "unknown setting (changeable: {})",
+                        scalar::LIVE_KEYS.join(", ")
+                    )
+                };
+                return Err(ConfigError::new(key.clone(), Origin::Live, message));
+            }
+            scalars.set(key, Raw::Str(value), Origin::Live)?;
+        }
+        let mut c = self.clone();
+        scalars.apply(&mut c)?;
+        Ok(c)
+    }
+
+    /// Every top-level setting with its value, default and whether it can be changed
+    /// live; then the databases' and users' entries (`databases.NAME.url`, …).
+    pub fn settings(&self) -> Vec<Setting> {
+        render::settings(self)
     }
 
     /// Effective configuration as TOML with every password replaced by "<redacted>"
@@ -484,6 +580,12 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_MAX_REPLICA_LAG", "max_replica_lag"),
     ("PGMUX_REPLICA_CHECK_INTERVAL", "replica_check_interval"),
     ("PGMUX_WRITE_FUNCTIONS", "write_functions"),
+    ("PGMUX_MIN_POOL_SIZE", "min_pool_size"),
+    ("PGMUX_ADMIN_USERS", "admin_users"),
+    ("PGMUX_STATS_USERS", "stats_users"),
+    ("PGMUX_ADMIN_LISTEN", "admin.listen"),
+    ("PGMUX_ADMIN_TOKEN", "admin.token"),
+    ("PGMUX_ADMIN_PROTECT_READS", "admin.protect_reads"),
 ];
 
 /// One database as seen by the layering stage.
@@ -545,7 +647,8 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
     }
 
     // --- flags ---
-    let flag_scalars: [(&Option<String>, &str, &str); 3] = [
+    let flag_scalars: [(&Option<String>, &str, &str); 4] = [
+        (&flags.admin_listen, "admin.listen", "--admin-listen"),
         (&flags.listen, "listen", "--listen"),
         (&flags.pool_size, "pool_size", "--pool-size"),
         (
@@ -600,8 +703,8 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
     }
     if let Some((list, origin)) = read_database_url {
         const KEY: &str = "READ_DATABASE_URL";
-        let target = match url_db {
-            Some(name) => name,
+        let target = match &url_db {
+            Some(name) => name.clone(),
             None if databases.len() == 1 => databases.keys().next().cloned().unwrap_or_default(),
             None => {
                 return Err(ConfigError::new(
@@ -638,6 +741,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
     }
 
     // --- validate ---
+    let default_stats_users = !scalars.has_stats_users();
     let mut config = scalars.finish()?;
     if databases.is_empty() {
         return Err(ConfigError::new(
@@ -648,6 +752,16 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
     }
 
     let mut users = layer.users;
+    if default_stats_users {
+        // Zero-config start: whoever owns DATABASE_URL may look at the console.
+        if let Some(user) = url_db
+            .as_ref()
+            .and_then(|name| databases.get(name))
+            .and_then(|db| db.primary.value.user.clone())
+        {
+            config.stats_users = vec![user];
+        }
+    }
 
     for (name, db) in databases {
         let pool_size = match db.pool_size {

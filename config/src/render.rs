@@ -5,7 +5,7 @@ use std::time::Duration;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use toml::{Table, Value};
 
-use crate::{Config, ServerAddr};
+use crate::{scalar::LIVE_KEYS, Config, ServerAddr, Setting};
 
 /// Everything except RFC 3986 unreserved characters is encoded.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -57,54 +57,130 @@ fn size(n: usize) -> Value {
     int(n)
 }
 
+/// Top-level settings in file order, as TOML values (secrets redacted).
+fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
+    let s = |v: &str| Value::String(v.to_string());
+    let list = |v: &[String]| Value::Array(v.iter().map(|f| Value::String(f.clone())).collect());
+    vec![
+        ("listen", s(&c.listen.to_string())),
+        ("max_client_conn", int(c.max_client_conn)),
+        ("pool_size", int(c.pool_size)),
+        ("min_pool_size", int(c.min_pool_size)),
+        ("auth_type", s(c.auth_type.as_str())),
+        ("query_wait_timeout", duration(c.query_wait_timeout)),
+        ("server_connect_timeout", duration(c.server_connect_timeout)),
+        ("client_login_timeout", duration(c.client_login_timeout)),
+        ("shutdown_timeout", duration(c.shutdown_timeout)),
+        ("server_idle_timeout", duration(c.server_idle_timeout)),
+        ("max_message_size", size(c.max_message_size)),
+        ("workers", int(c.workers)),
+        ("max_prepared_statements", int(c.max_prepared_statements)),
+        ("read_routing", s(c.read_routing.as_str())),
+        ("read_your_writes", s(c.read_your_writes.as_str())),
+        ("max_replica_lag", duration(c.max_replica_lag)),
+        ("replica_check_interval", duration(c.replica_check_interval)),
+        ("write_functions", list(&c.write_functions)),
+        ("admin_users", list(&c.admin_users)),
+        ("stats_users", list(&c.stats_users)),
+    ]
+}
+
+/// `[admin]` settings (token redacted).
+fn admin(c: &Config) -> Vec<(&'static str, Value)> {
+    let mut v = vec![("listen", Value::String(c.admin.listen.to_string()))];
+    if c.admin.token.is_some() {
+        v.push(("token", Value::String(REDACTED.into())));
+    }
+    v.push(("protect_reads", Value::Boolean(c.admin.protect_reads)));
+    v
+}
+
+/// A value as `SHOW CONFIG` shows it: strings bare, lists comma-separated.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) fn settings(c: &Config) -> Vec<Setting> {
+    let defaults = Config::default();
+    let default_values: Vec<(&str, Value)> = scalars(&defaults)
+        .into_iter()
+        .chain(admin(&defaults).into_iter().map(|(k, v)| (admin_key(k), v)))
+        .collect();
+    let default_of = |key: &str| {
+        default_values
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| plain(v))
+            .unwrap_or_default()
+    };
+    let mut out: Vec<Setting> = scalars(c)
+        .into_iter()
+        .chain(admin(c).into_iter().map(|(k, v)| (admin_key(k), v)))
+        .map(|(key, v)| Setting {
+            key: key.to_string(),
+            value: plain(&v),
+            default: default_of(key),
+            changeable: LIVE_KEYS.contains(&key),
+        })
+        .collect();
+    let mut entry = |key: String, value: String| {
+        out.push(Setting {
+            key,
+            value,
+            default: String::new(),
+            changeable: false,
+        })
+    };
+    for (name, db) in &c.databases {
+        entry(format!("databases.{name}.url"), server_url(&db.primary));
+        if !db.replicas.is_empty() {
+            let r: Vec<String> = db.replicas.iter().map(server_url).collect();
+            entry(format!("databases.{name}.replicas"), r.join(","));
+        }
+        if let Some(p) = db.pool_size {
+            entry(format!("databases.{name}.pool_size"), p.to_string());
+        }
+        if let Some(r) = db.read_routing {
+            entry(format!("databases.{name}.read_routing"), r.as_str().into());
+        }
+    }
+    for (name, u) in &c.users {
+        if u.password.is_some() {
+            entry(format!("users.{name}.password"), REDACTED.into());
+        }
+        if let Some(p) = u.pool_size {
+            entry(format!("users.{name}.pool_size"), p.to_string());
+        }
+        if let Some(r) = u.read_routing {
+            entry(format!("users.{name}.read_routing"), r.as_str().into());
+        }
+    }
+    out
+}
+
+fn admin_key(k: &str) -> &'static str {
+    match k {
+        "listen" => "admin.listen",
+        "token" => "admin.token",
+        _ => "admin.protect_reads",
+    }
+}
+
 pub(crate) fn redacted_toml(c: &Config) -> String {
     let mut root = Table::new();
-    root.insert("listen".into(), Value::String(c.listen.to_string()));
-    root.insert("max_client_conn".into(), int(c.max_client_conn));
-    root.insert("pool_size".into(), int(c.pool_size));
+    for (k, v) in scalars(c) {
+        root.insert(k.into(), v);
+    }
     root.insert(
-        "auth_type".into(),
-        Value::String(c.auth_type.as_str().into()),
-    );
-    root.insert("query_wait_timeout".into(), duration(c.query_wait_timeout));
-    root.insert(
-        "server_connect_timeout".into(),
-        duration(c.server_connect_timeout),
-    );
-    root.insert(
-        "client_login_timeout".into(),
-        duration(c.client_login_timeout),
-    );
-    root.insert("shutdown_timeout".into(), duration(c.shutdown_timeout));
-    root.insert(
-        "server_idle_timeout".into(),
-        duration(c.server_idle_timeout),
-    );
-    root.insert("max_message_size".into(), size(c.max_message_size));
-    root.insert("workers".into(), int(c.workers));
-    root.insert(
-        "max_prepared_statements".into(),
-        int(c.max_prepared_statements),
-    );
-    root.insert(
-        "read_routing".into(),
-        Value::String(c.read_routing.as_str().into()),
-    );
-    root.insert(
-        "read_your_writes".into(),
-        Value::String(c.read_your_writes.as_str().into()),
-    );
-    root.insert("max_replica_lag".into(), duration(c.max_replica_lag));
-    root.insert(
-        "replica_check_interval".into(),
-        duration(c.replica_check_interval),
-    );
-    root.insert(
-        "write_functions".into(),
-        Value::Array(
-            c.write_functions
-                .iter()
-                .map(|f| Value::String(f.clone()))
+        "admin".into(),
+        Value::Table(
+            admin(c)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
                 .collect(),
         ),
     );

@@ -3,8 +3,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, MAX_MAX_MESSAGE_SIZE,
-    MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE, MIN_REPLICA_CHECK_INTERVAL,
+    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret,
+    MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE,
+    MIN_REPLICA_CHECK_INTERVAL,
 };
 
 /// A value plus the key and origin it came from.
@@ -44,6 +45,8 @@ impl Sourced<usize> {
 pub(crate) enum Raw<'a> {
     Str(&'a str),
     Int(i64),
+    /// A TOML boolean.
+    Bool(bool),
     /// A TOML array (its items); only list keys accept it.
     Array(&'a [Raw<'a>]),
     /// Any other TOML type (its name), always a type error.
@@ -51,10 +54,22 @@ pub(crate) enum Raw<'a> {
 }
 
 impl Raw<'_> {
+    /// The type name, without the value (for secrets).
+    fn kind(&self) -> &'static str {
+        match self {
+            Raw::Str(_) => "a string",
+            Raw::Int(_) => "an integer",
+            Raw::Bool(_) => "a boolean",
+            Raw::Array(_) => "an array",
+            Raw::Other(t) => t,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Raw::Str(s) => format!("string {s:?}"),
             Raw::Int(i) => format!("integer {i}"),
+            Raw::Bool(_) => "a boolean".to_string(),
             Raw::Array(_) => "an array".to_string(),
             Raw::Other(t) => (*t).to_string(),
         }
@@ -81,6 +96,12 @@ pub(crate) struct Scalars {
     max_replica_lag: Option<Sourced<Duration>>,
     replica_check_interval: Option<Sourced<Duration>>,
     write_functions: Option<Sourced<Vec<String>>>,
+    min_pool_size: Option<Sourced<usize>>,
+    admin_users: Option<Sourced<Vec<String>>>,
+    stats_users: Option<Sourced<Vec<String>>>,
+    admin_listen: Option<Sourced<SocketAddr>>,
+    admin_token: Option<Sourced<Secret>>,
+    admin_protect_reads: Option<Sourced<bool>>,
 }
 
 /// All top-level scalar key names.
@@ -102,6 +123,26 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "max_replica_lag",
     "replica_check_interval",
     "write_functions",
+    "min_pool_size",
+    "admin_users",
+    "stats_users",
+];
+
+/// Keys of the `[admin]` table.
+pub(crate) const ADMIN_KEYS: &[&str] = &["admin.listen", "admin.token", "admin.protect_reads"];
+
+/// Keys that can be changed on a running pgmux (`PATCH /api/v1/config`, console `SET`).
+pub(crate) const LIVE_KEYS: &[&str] = &[
+    "max_client_conn",
+    "pool_size",
+    "min_pool_size",
+    "query_wait_timeout",
+    "server_connect_timeout",
+    "client_login_timeout",
+    "shutdown_timeout",
+    "server_idle_timeout",
+    "read_your_writes",
+    "max_replica_lag",
 ];
 
 impl Scalars {
@@ -151,6 +192,24 @@ impl Scalars {
             "write_functions" => {
                 self.write_functions = wrap(parse_function_names(raw), key, &origin)?
             }
+            "min_pool_size" => self.min_pool_size = wrap(parse_usize(raw), key, &origin)?,
+            "admin_users" => self.admin_users = wrap(parse_user_names(raw), key, &origin)?,
+            "stats_users" => self.stats_users = wrap(parse_user_names(raw), key, &origin)?,
+            "admin.listen" => self.admin_listen = wrap(parse_listen(raw), key, &origin)?,
+            "admin.protect_reads" => {
+                self.admin_protect_reads = wrap(parse_bool(raw), key, &origin)?
+            }
+            "admin.token" => {
+                // The value itself is never echoed in messages.
+                let Raw::Str(t) = raw else {
+                    return Err(err(format!("expected a string, got {}", raw.kind())));
+                };
+                let t = t.trim();
+                if t.len() < 16 {
+                    return Err(err("must be at least 16 characters long".into()));
+                }
+                self.admin_token = Some(Sourced::new(Secret::new(t), key, origin.clone()));
+            }
             "query_wait_timeout"
             | "server_connect_timeout"
             | "client_login_timeout"
@@ -178,9 +237,21 @@ impl Scalars {
         Ok(())
     }
 
+    /// True when any source set `stats_users`.
+    pub(crate) fn has_stats_users(&self) -> bool {
+        self.stats_users.is_some()
+    }
+
     /// Apply defaults and range checks; returns a config without databases/users.
     pub(crate) fn finish(self) -> Result<Config, ConfigError> {
         let mut c = Config::default();
+        self.apply(&mut c)?;
+        Ok(c)
+    }
+
+    /// Writes the values set here over `c`, with range checks (also across keys, against
+    /// the values `c` already has).
+    pub(crate) fn apply(self, c: &mut Config) -> Result<(), ConfigError> {
         if let Some(v) = self.listen {
             c.listen = v.value;
         }
@@ -244,7 +315,40 @@ impl Scalars {
         if let Some(v) = self.write_functions {
             c.write_functions = v.value;
         }
-        Ok(c)
+        if let Some(v) = self.admin_users {
+            c.admin_users = v.value;
+        }
+        if let Some(v) = self.stats_users {
+            c.stats_users = v.value;
+        }
+        if let Some(v) = self.admin_listen {
+            c.admin.listen = v.value;
+        }
+        if let Some(v) = self.admin_token {
+            c.admin.token = Some(v.value);
+        }
+        if let Some(v) = self.admin_protect_reads {
+            c.admin.protect_reads = v.value;
+        }
+        if let Some(v) = self.min_pool_size {
+            if v.value > c.pool_size {
+                return Err(v.err(format!(
+                    "must not exceed pool_size ({}), got {}",
+                    c.pool_size, v.value
+                )));
+            }
+            c.min_pool_size = v.value;
+        } else if c.min_pool_size > c.pool_size {
+            return Err(ConfigError::new(
+                "pool_size",
+                Origin::Live,
+                format!(
+                    "must be at least min_pool_size ({}), got {}",
+                    c.min_pool_size, c.pool_size
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -400,4 +504,48 @@ pub(crate) fn parse_size(raw: Raw<'_>) -> Result<usize, String> {
     };
     num.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_bool(raw: Raw<'_>) -> Result<bool, String> {
+    match raw {
+        Raw::Bool(b) => Ok(b),
+        Raw::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" | "1" => Ok(true),
+            "false" | "off" | "no" | "0" => Ok(false),
+            _ => Err(format!("expected true or false, got {s:?}")),
+        },
+        other => Err(format!("expected true or false, got {}", other.describe())),
+    }
+}
+
+/// User names: an array, or one comma-separated string. Trimmed; none empty.
+fn parse_user_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
+    let one = |(i, s): (usize, &str)| {
+        let s = s.trim();
+        if s.is_empty() {
+            Err(format!("item #{}: empty user name", i + 1))
+        } else {
+            Ok(s.to_string())
+        }
+    };
+    match raw {
+        Raw::Str(s) if s.trim().is_empty() => Ok(Vec::new()),
+        Raw::Str(s) => s.split(',').enumerate().map(one).collect(),
+        Raw::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Raw::Str(s) => one((i, s)),
+                other => Err(format!(
+                    "item #{}: expected a user name (a string), got {}",
+                    i + 1,
+                    other.describe()
+                )),
+            })
+            .collect(),
+        other => Err(format!(
+            "expected an array of user names or a comma-separated string, got {}",
+            other.describe()
+        )),
+    }
 }

@@ -114,6 +114,8 @@ fn zero_config_database_url_only() {
                 read_routing: None,
             },
         )]),
+        // The zero-config start lets the DATABASE_URL user read the console.
+        stats_users: vec!["app".into()],
         ..Config::default()
     };
     assert_eq!(c, expected);
@@ -1359,4 +1361,149 @@ fn render_read_routing_keys() {
         c,
         "{out}"
     );
+}
+
+#[test]
+fn admin_table_and_console_users() {
+    let (_f, r) = load_file(&format!(
+        "admin_users = [\"ops\"]\nstats_users = \"mon, grafana\"\nmin_pool_size = 2\n\
+         [admin]\nlisten = \"0.0.0.0:9931\"\ntoken = \"0123456789abcdef0123\"\nprotect_reads = true\n{DB}"
+    ));
+    let c = r.unwrap();
+    assert_eq!(c.admin_users, vec!["ops".to_string()]);
+    assert_eq!(
+        c.stats_users,
+        vec!["mon".to_string(), "grafana".to_string()]
+    );
+    assert_eq!(c.min_pool_size, 2);
+    assert_eq!(c.admin.listen, "0.0.0.0:9931".parse().unwrap());
+    assert_eq!(
+        c.admin.token.as_ref().map(|t| t.expose()),
+        Some("0123456789abcdef0123")
+    );
+    assert!(c.admin.protect_reads);
+    let toml = c.to_redacted_toml();
+    assert!(!toml.contains("0123456789abcdef0123"), "{toml}");
+    assert!(toml.contains("<redacted>"), "{toml}");
+
+    // Environment and flag override the file.
+    let f = tmp(&format!("[admin]\nlisten = \"127.0.0.1:1\"\n{DB}"));
+    let mut flags = flags_with(&f);
+    let c = load(&flags, &env(&[("PGMUX_ADMIN_LISTEN", "127.0.0.1:2")])).unwrap();
+    assert_eq!(c.admin.listen.port(), 2);
+    flags.admin_listen = Some("127.0.0.1:3".into());
+    let c = load(&flags, &env(&[("PGMUX_ADMIN_LISTEN", "127.0.0.1:2")])).unwrap();
+    assert_eq!(c.admin.listen.port(), 3);
+}
+
+#[test]
+fn admin_key_errors_name_the_key() {
+    let cases = [
+        ("[admin]\nport = 1\n", "admin.port", "unknown key"),
+        (
+            "[admin]\ntoken = \"short\"\n",
+            "admin.token",
+            "at least 16 characters",
+        ),
+        (
+            "[admin]\ntoken = 12\n",
+            "admin.token",
+            "expected a string, got an integer",
+        ),
+        (
+            "[admin]\nprotect_reads = \"maybe\"\n",
+            "admin.protect_reads",
+            "expected true or false",
+        ),
+        (
+            "[admin]\nlisten = \"nowhere\"\n",
+            "admin.listen",
+            "expected an IP address",
+        ),
+        (
+            "min_pool_size = 30\n",
+            "min_pool_size",
+            "must not exceed pool_size (20)",
+        ),
+        ("stats_users = [\"a\", 1]\n", "stats_users", "item #2"),
+    ];
+    for (text, key, needle) in cases {
+        let (_f, r) = load_file(&format!("{text}{DB}"));
+        let e = r.unwrap_err();
+        assert_eq!(e.key, key, "{text}");
+        assert!(e.message.contains(needle), "{text}: {e}");
+        assert!(!e.to_string().contains("short\""), "token echoed: {e}");
+    }
+}
+
+#[test]
+fn live_changes_are_validated_all_or_nothing() {
+    let (_f, r) = load_file(DB);
+    let c = r.unwrap();
+    let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let n = c
+        .with_changes(&pairs(&[
+            ("pool_size", "40"),
+            ("query_wait_timeout", "5"),
+            ("min_pool_size", "3"),
+        ]))
+        .unwrap();
+    assert_eq!(n.pool_size, 40);
+    assert_eq!(n.query_wait_timeout, Duration::from_secs(5));
+    assert_eq!(n.min_pool_size, 3);
+    assert_eq!(n.databases, c.databases);
+
+    let e = c.with_changes(&pairs(&[("pool_size", "0")])).unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), e.origin.clone()),
+        ("pool_size", Origin::Live)
+    );
+    let e = c.with_changes(&pairs(&[("pool_size", "x")])).unwrap_err();
+    assert_eq!(e.key, "pool_size");
+    let e = c
+        .with_changes(&pairs(&[("listen", "0.0.0.0:1")]))
+        .unwrap_err();
+    assert!(
+        e.message.contains("cannot be changed on a running pgmux"),
+        "{e}"
+    );
+    let e = c.with_changes(&pairs(&[("bogus", "1")])).unwrap_err();
+    assert_eq!(e.key, "bogus");
+    assert!(e.message.contains("unknown setting"), "{e}");
+    let e = n.with_changes(&pairs(&[("pool_size", "2")])).unwrap_err();
+    assert_eq!(e.key, "pool_size");
+    assert!(e.message.contains("at least min_pool_size (3)"), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "live change: pool_size: must be at least min_pool_size (3), got 2"
+    );
+}
+
+#[test]
+fn settings_list_values_defaults_and_what_is_live() {
+    let (_f, r) = load_file(&format!(
+        "pool_size = 7\n[admin]\ntoken = \"0123456789abcdef\"\n{DB}"
+    ));
+    let c = r.unwrap();
+    let s = c.settings();
+    let get = |k: &str| {
+        s.iter()
+            .find(|x| x.key == k)
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
+    assert_eq!(get("pool_size").value, "7");
+    assert_eq!(get("pool_size").default, "20");
+    assert!(get("pool_size").changeable);
+    assert!(!get("listen").changeable);
+    assert_eq!(get("query_wait_timeout").value, "2m");
+    assert_eq!(get("admin.token").value, "<redacted>");
+    assert_eq!(
+        get("databases.app.url").value,
+        "postgres://db-host:5432/app"
+    );
+    assert!(s.iter().all(|x| !x.value.contains("0123456789abcdef")));
 }
