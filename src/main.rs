@@ -1,4 +1,6 @@
-//! pgmux binary: command line, runtime, signals, and wiring of config + proxy.
+//! pgmux binary: command line, runtime, signals, and wiring of config + proxy + admin.
+
+mod top;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,16 +41,25 @@ struct Cli {
     /// Most client connections accepted at once (env: PGMUX_MAX_CLIENT_CONN, default 5000).
     #[arg(long, global = true, value_name = "N")]
     max_client_conn: Option<String>,
+    /// Admin HTTP listener (API, /metrics, probes), default 127.0.0.1:9930
+    /// (env: PGMUX_ADMIN_LISTEN).
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin_listen: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate the configuration and print the effective result with secrets redacted.
     CheckConfig,
+    /// Live terminal view of a running pgmux's pools (from its admin API).
+    Top(top::TopArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Top(args)) = &cli.command {
+        return top::run(args);
+    }
     let flags = Flags {
         config: cli.config.clone(),
         listen: cli.listen.clone(),
@@ -56,6 +67,7 @@ fn main() -> ExitCode {
         read_database_url: cli.read_database_url.clone(),
         pool_size: cli.pool_size.clone(),
         max_client_conn: cli.max_client_conn.clone(),
+        admin_listen: cli.admin_listen.clone(),
     };
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let config = match pgmux_config::load(&flags, &env) {
@@ -70,11 +82,12 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        None => serve(config),
+        Some(Command::Top(_)) => unreachable!("handled above"),
+        None => serve(config, flags),
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, flags: Flags) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGMUX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -126,16 +139,49 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         let shared = proxy.shared.clone();
-        tracing::info!(listen = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(), workers, "pgmux accepting connections");
+        *shared.reloader.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move || {
+            let env: BTreeMap<String, String> = std::env::vars().collect();
+            pgmux_config::load(&flags, &env)
+        }));
+        let admin_addr = shared.config.load().admin.listen;
+        let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pgmux: cannot listen on {admin_addr} (admin.listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin_stop = tokio_util::sync::CancellationToken::new();
+        let admin = tokio::spawn(pgmux_admin::http::serve(
+            admin_listener,
+            shared.clone(),
+            shared.metrics.clone(),
+            admin_stop.clone(),
+        ));
+        tracing::info!(listen = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(), admin = %admin_addr, workers, "pgmux accepting connections");
+        let signals = shared.clone();
         tokio::spawn(async move {
+            use pgmux_admin::Control;
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let shared = signals;
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        // Errors are logged by reload; the running configuration stays.
+                        let _ = shared.reload();
+                    }
+                }
             }
             shared.shutdown.cancel();
             // A second signal means: stop now.
@@ -147,6 +193,8 @@ fn serve(config: Config) -> ExitCode {
             std::process::exit(1);
         });
         proxy.run().await;
+        admin_stop.cancel();
+        let _ = admin.await;
         tracing::info!("pgmux stopped");
         ExitCode::SUCCESS
     })

@@ -249,6 +249,16 @@ pub struct Server {
     pub dirty: bool,
     /// Bytes of a message being streamed through that have not arrived yet.
     pub pending_body: usize,
+    /// ReadyForQuery messages received (one per query or Sync): read by the session
+    /// for the query counters.
+    pub readies: u64,
+    /// SQLSTATE classes of ErrorResponses received and not yet counted by the session.
+    pub error_classes: Vec<[u8; 2]>,
+    /// The pool's generation when this server was opened; an older one is closed at
+    /// release (RECONNECT, KILL).
+    pub generation: u64,
+    /// This connection as the admin surface lists it (set by the pool that opened it).
+    pub entry: Option<Arc<crate::pool::ServerEntry>>,
 }
 
 impl Server {
@@ -290,6 +300,10 @@ impl Server {
             status: b'I',
             dirty: false,
             pending_body: 0,
+            readies: 0,
+            error_classes: Vec::new(),
+            generation: 0,
+            entry: None,
         }
     }
 

@@ -14,6 +14,8 @@
 //! * [`router`] — pure SQL classification: may this text run on a read replica?
 //! * [`routing`] — per-transaction choice of primary or replica, read-your-writes.
 //! * [`replicas`] — replica health loops, the primary's WAL clock, route counters.
+//! * [`control`] — the admin surface's view: [`pgmux_admin::Control`] for [`Shared`],
+//!   the client registry, pause/resume, live limits, reload, kill.
 //!
 //! [`Proxy`] ties them together: it owns the [`Shared`] state (config snapshot, pools,
 //! cancel registry, client count, shutdown signal) and the accept loop.
@@ -21,6 +23,7 @@
 pub mod auth;
 pub mod backend;
 pub mod cancel;
+pub mod control;
 pub mod params;
 pub mod pool;
 pub mod prepared;
@@ -32,9 +35,9 @@ pub mod routing;
 pub mod session;
 pub mod sockio;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -46,10 +49,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::ScramVerifier;
 use crate::cancel::CancelRegistry;
-use crate::pool::Pool;
+use crate::control::{ClientEntry, PauseState, Reloader};
+use crate::pool::{Pool, PoolSettings};
 use crate::replicas::{HealthSettings, Topology, WriteMark};
 use crate::router::Router;
 use crate::routing::ReplicaSet;
+use pgmux_admin::metrics::Metrics;
+use pgmux_admin::Role;
 
 /// State shared by every session. Passed as `Arc<Shared>`; there are no globals.
 pub struct Shared {
@@ -70,10 +76,26 @@ pub struct Shared {
     verifiers: DashMap<String, (String, Arc<ScramVerifier>)>,
     /// Key for the mock exchange of unknown users.
     mock_secret: [u8; 32],
+    /// Prometheus recorder: pools record their histograms into it.
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    /// Every client connection, by id (the admin surface lists them, KILL ends them).
+    pub client_list: DashMap<u64, Arc<ClientEntry>>,
+    pub next_client_id: AtomicU64,
+    /// Ended sessions, indexed like [`session::DisconnectReason::ALL`].
+    pub disconnects: [AtomicU64; session::DisconnectReason::ALL.len()],
+    /// Paused databases (or all).
+    pub paused: std::sync::Mutex<PauseState>,
+    /// Re-reads the configuration (file + environment), for reload. None: reload refused.
+    pub reloader: std::sync::Mutex<Option<Reloader>>,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
+        Self::with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Arc<Shared> {
         let mut mock_secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_secret);
         let router = Router::new(&config.write_functions);
@@ -89,7 +111,29 @@ impl Shared {
             shutdown: CancellationToken::new(),
             verifiers: DashMap::new(),
             mock_secret,
+            metrics,
+            started: Instant::now(),
+            client_list: DashMap::new(),
+            next_client_id: AtomicU64::new(1),
+            disconnects: Default::default(),
+            paused: Default::default(),
+            reloader: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Creation settings of a pool for (database, user) in `role`.
+    fn pool_settings(&self, cfg: &Config, db: &str, user: &str, role: Role) -> PoolSettings {
+        PoolSettings {
+            max_size: cfg.pool_size_for(db, user),
+            min_size: cfg.min_pool_size,
+            connect_timeout: cfg.server_connect_timeout,
+            histograms: self.metrics.pool_histograms(db, user, role),
+            paused: self
+                .paused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .covers(db),
+        }
     }
 
     /// The pool for (database, user), created on first use.
@@ -105,10 +149,10 @@ impl Shared {
                 Pool::new(
                     db.name.clone(),
                     user.to_owned(),
+                    Role::Primary,
                     db.primary.clone(),
                     password,
-                    cfg.pool_size_for(&db.name, user),
-                    cfg.server_connect_timeout,
+                    self.pool_settings(cfg, &db.name, user, Role::Primary),
                 )
             })
             .clone()
@@ -159,10 +203,10 @@ impl Shared {
                         Pool::new(
                             db.name.clone(),
                             user.to_owned(),
+                            Role::Replica,
                             addr.clone(),
                             password.clone(),
-                            cfg.pool_size_for(&db.name, user),
-                            cfg.server_connect_timeout,
+                            self.pool_settings(cfg, &db.name, user, Role::Replica),
                         )
                     })
                     .collect();
@@ -281,20 +325,21 @@ impl Proxy {
     }
 }
 
-/// Periodic pool upkeep: idle server reaping.
+/// Periodic pool upkeep: idle server reaping above min_pool_size, then opening servers
+/// up to it.
 async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let idle_timeout = shared.config.load().server_idle_timeout;
-        if idle_timeout.is_zero() {
-            continue;
-        }
         for p in shared.all_pools() {
-            let n = p.reap_idle(idle_timeout);
-            if n > 0 {
-                tracing::debug!(db = %p.database, user = %p.user, closed = n, reason = "idle_timeout", "closed idle servers");
+            if !idle_timeout.is_zero() {
+                let n = p.reap_idle(idle_timeout);
+                if n > 0 {
+                    tracing::debug!(db = %p.database, user = %p.user, closed = n, reason = "idle_timeout", "closed idle servers");
+                }
             }
+            p.fill_to_min();
         }
     }
 }

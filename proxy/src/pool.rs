@@ -11,13 +11,16 @@
 //! are reused, ones idle inside a transaction are rolled back first, busy or corrupt ones
 //! are cancelled and closed. A server is never handed on in a dirty state.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use pgmux_admin::metrics::PoolHistograms;
+use pgmux_admin::Role;
 use pgmux_config::{Secret, ServerAddr};
 use tokio::sync::oneshot;
 
@@ -40,13 +43,100 @@ enum Handoff {
     Slot,
 }
 
+/// Why a server connection was closed (logged, counted, exported as a label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Idle longer than server_idle_timeout.
+    IdleTimeout,
+    /// Above a lowered pool_size.
+    PoolShrunk,
+    /// Came back in an unknown protocol state, or failed under a client.
+    ServerError,
+    /// Found closed by PostgreSQL while idle (terminated, restarted).
+    KilledByServer,
+    /// A client left in the middle of a query: cancelled, then closed.
+    ClientGone,
+    /// The ROLLBACK of an abandoned transaction failed.
+    RollbackFailed,
+    /// RECONNECT / reload recycled it.
+    Reconnect,
+    /// KILL closed it.
+    Killed,
+    /// PAUSE closed it after the pool went quiet.
+    Paused,
+    /// pgmux is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 10] = [
+        CloseReason::IdleTimeout,
+        CloseReason::PoolShrunk,
+        CloseReason::ServerError,
+        CloseReason::KilledByServer,
+        CloseReason::ClientGone,
+        CloseReason::RollbackFailed,
+        CloseReason::Reconnect,
+        CloseReason::Killed,
+        CloseReason::Paused,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::PoolShrunk => "pool_shrunk",
+            CloseReason::ServerError => "server_error",
+            CloseReason::KilledByServer => "killed_by_server",
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::RollbackFailed => "rollback_failed",
+            CloseReason::Reconnect => "reconnect",
+            CloseReason::Killed => "killed",
+            CloseReason::Paused => "paused",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+struct Waiter {
+    since: Instant,
+    tx: oneshot::Sender<Handoff>,
+}
+
 struct Inner {
     // Boxed so a server moves between idle list, waiters and guards as one pointer.
     #[allow(clippy::vec_box)]
     idle: Vec<Box<Server>>,
     /// Servers that exist or are being opened (idle + checked out + connecting).
     total: usize,
-    waiters: VecDeque<oneshot::Sender<Handoff>>,
+    waiters: VecDeque<Waiter>,
+    /// PAUSE: nothing is handed out; checkouts queue as waiters.
+    paused: bool,
+}
+
+/// An open server connection as the admin surface lists it.
+#[derive(Debug)]
+pub struct ServerEntry {
+    pub id: u64,
+    pub pid: i32,
+    pub opened: Instant,
+    /// Unix seconds of `opened`.
+    pub opened_unix: u64,
+    /// The linked client's id; 0 when idle.
+    pub client: AtomicU64,
+    /// Microseconds after `opened` of the last link or release.
+    pub changed_us: AtomicU64,
+    /// Named statements the server held at its last release.
+    pub prepared: AtomicUsize,
+}
+
+impl ServerEntry {
+    /// Marks the server linked to `client` (0: released).
+    pub fn link(&self, client: u64) {
+        self.client.store(client, Ordering::Relaxed);
+        self.changed_us
+            .store(self.opened.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Counters kept per pool (exposed by the admin surface).
@@ -65,14 +155,39 @@ pub struct PoolStats {
     pub statement_cache_hits: AtomicU64,
     /// Statements closed to keep a server within max_prepared_statements.
     pub statement_evictions: AtomicU64,
+    /// ReadyForQuery answers (queries and Syncs).
+    pub queries: AtomicU64,
+    /// Bytes clients sent to servers / servers sent to clients.
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub xact_us: AtomicU64,
+    pub query_us: AtomicU64,
+    /// ErrorResponses from servers, by SQLSTATE class (touched only on errors).
+    pub errors: Mutex<BTreeMap<[u8; 2], u64>>,
+    /// Server closes, indexed like [`CloseReason::ALL`].
+    pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 
 pub struct Pool {
     pub database: String,
     pub user: String,
+    pub role: Role,
     addr: Arc<ServerAddr>,
     password: Option<Secret>,
     max_size: AtomicUsize,
+    min_size: AtomicUsize,
+    /// Limits set live for this pool (PATCH /api/v1/pools): (pool_size, min_pool_size).
+    /// They win over the configuration until a reload.
+    pub overrides: Mutex<(Option<usize>, Option<usize>)>,
+    /// Servers opened before the current generation are closed when released.
+    generation: AtomicU64,
+    /// Connections being opened now.
+    connecting: AtomicUsize,
+    /// Clients logged in to this pool (primary pools only).
+    pub clients: AtomicUsize,
+    /// Open server connections, for listings.
+    pub servers: DashMap<u64, Arc<ServerEntry>>,
+    pub histograms: PoolHistograms,
     connect_timeout: Duration,
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
@@ -87,31 +202,56 @@ pub struct Pool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCounts {
     pub idle: usize,
+    /// Idle + in use + connecting.
     pub total: usize,
+    pub connecting: usize,
     pub waiting: usize,
+    /// Longest current wait.
+    pub max_wait: Duration,
     pub max: usize,
+    pub min: usize,
+    pub paused: bool,
+}
+
+/// What creating a pool needs besides its identity.
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub min_size: usize,
+    pub connect_timeout: Duration,
+    pub histograms: PoolHistograms,
+    pub paused: bool,
 }
 
 impl Pool {
     pub fn new(
         database: String,
         user: String,
+        role: Role,
         addr: ServerAddr,
         password: Option<Secret>,
-        max_size: usize,
-        connect_timeout: Duration,
+        settings: PoolSettings,
     ) -> Arc<Pool> {
+        let max = settings.max_size.max(1);
         Arc::new(Pool {
             database,
             user,
+            role,
             addr: Arc::new(addr),
             password,
-            max_size: AtomicUsize::new(max_size.max(1)),
-            connect_timeout,
+            max_size: AtomicUsize::new(max),
+            min_size: AtomicUsize::new(settings.min_size.min(max)),
+            overrides: Mutex::new((None, None)),
+            generation: AtomicU64::new(0),
+            connecting: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+            servers: DashMap::new(),
+            histograms: settings.histograms,
+            connect_timeout: settings.connect_timeout,
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 total: 0,
                 waiters: VecDeque::new(),
+                paused: settings.paused,
             }),
             startup_params: ArcSwapOption::empty(),
             statements: crate::prepared::Registry::default(),
@@ -126,11 +266,20 @@ impl Pool {
 
     pub fn counts(&self) -> PoolCounts {
         let g = self.lock();
+        let live = g.waiters.iter().filter(|w| !w.tx.is_closed());
+        let now = Instant::now();
+        let (waiting, max_wait) = live.fold((0, Duration::ZERO), |(n, m), w| {
+            (n + 1, m.max(now.saturating_duration_since(w.since)))
+        });
         PoolCounts {
             idle: g.idle.len(),
             total: g.total,
-            waiting: g.waiters.iter().filter(|w| !w.is_closed()).count(),
+            connecting: self.connecting.load(Ordering::Relaxed),
+            waiting,
+            max_wait,
             max: self.max_size.load(Ordering::Relaxed),
+            min: self.min_size.load(Ordering::Relaxed),
+            paused: g.paused,
         }
     }
 
@@ -157,15 +306,15 @@ impl Pool {
             }
             let next = {
                 let mut g = self.lock();
-                if let Some(s) = g.idle.pop() {
+                if g.paused {
+                    Next::Wait(Self::enqueue(&mut g))
+                } else if let Some(s) = g.idle.pop() {
                     Next::Ready(s)
                 } else if g.total < self.max_size.load(Ordering::Relaxed) {
                     g.total += 1;
                     Next::Connect
                 } else {
-                    let (tx, rx) = oneshot::channel();
-                    g.waiters.push_back(tx);
-                    Next::Wait(rx)
+                    Next::Wait(Self::enqueue(&mut g))
                 }
             };
             let handoff = match next {
@@ -191,7 +340,7 @@ impl Pool {
                 Handoff::Server(s) => {
                     if s.stream.looks_dead() || !s.buf.is_empty() {
                         tracing::debug!(pool = %self.user, server = s.id, "idle server was closed by the peer; replacing it");
-                        self.close(s);
+                        self.close(s, CloseReason::KilledByServer);
                         continue;
                     }
                     self.record_wait(start);
@@ -206,24 +355,54 @@ impl Pool {
         }
     }
 
+    fn enqueue(g: &mut Inner) -> oneshot::Receiver<Handoff> {
+        let (tx, rx) = oneshot::channel();
+        g.waiters.push_back(Waiter {
+            since: Instant::now(),
+            tx,
+        });
+        rx
+    }
+
     fn record_wait(&self, start: Instant) {
+        let waited = start.elapsed();
         self.stats
             .wait_us
-            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.histograms.wait.record(waited.as_secs_f64());
     }
 
     /// Opens a server with a slot already counted in `total`.
     async fn open(self: &Arc<Self>) -> Result<Server, PoolError> {
-        match Server::connect(
+        let generation = self.generation.load(Ordering::Relaxed);
+        self.connecting.fetch_add(1, Ordering::Relaxed);
+        let r = Server::connect(
             &self.addr,
             &self.user,
             self.password.as_ref(),
             self.connect_timeout,
         )
-        .await
-        {
-            Ok(s) => {
+        .await;
+        self.connecting.fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(mut s) => {
+                s.generation = generation;
                 self.stats.servers_opened.fetch_add(1, Ordering::Relaxed);
+                let opened = Instant::now();
+                let entry = Arc::new(ServerEntry {
+                    id: s.id,
+                    pid: s.cancel.pid,
+                    opened,
+                    opened_unix: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    client: AtomicU64::new(0),
+                    changed_us: AtomicU64::new(0),
+                    prepared: AtomicUsize::new(0),
+                });
+                self.servers.insert(s.id, entry.clone());
+                s.entry = Some(entry);
                 if self.startup_params.load().is_none() {
                     self.startup_params.store(Some(Arc::new(s.params.clone())));
                 }
@@ -241,9 +420,11 @@ impl Pool {
     /// A server's slot became free: hand it to the first live waiter or shrink.
     fn release_slot(&self) {
         let mut g = self.lock();
-        while let Some(w) = g.waiters.pop_front() {
-            if w.send(Handoff::Slot).is_ok() {
-                return;
+        if !g.paused && g.total <= self.max_size.load(Ordering::Relaxed) {
+            while let Some(w) = g.waiters.pop_front() {
+                if w.tx.send(Handoff::Slot).is_ok() {
+                    return;
+                }
             }
         }
         g.total -= 1;
@@ -251,28 +432,47 @@ impl Pool {
 
     /// Returns a clean server: to the first live waiter, else onto the idle stack.
     fn checkin(&self, mut server: Box<Server>) {
+        if server.generation < self.generation.load(Ordering::Relaxed) {
+            self.close(server, CloseReason::Reconnect);
+            return;
+        }
         server.last_used = Instant::now();
         let mut g = self.lock();
-        while let Some(w) = g.waiters.pop_front() {
-            match w.send(Handoff::Server(server)) {
-                Ok(()) => return,
-                Err(Handoff::Server(s)) => server = s,
-                Err(Handoff::Slot) => unreachable!("we sent a server"),
-            }
-        }
         if g.total > self.max_size.load(Ordering::Relaxed) {
             g.total -= 1;
             drop(g);
-            self.stats.servers_closed.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(server.terminate());
+            self.retire(server, CloseReason::PoolShrunk);
             return;
+        }
+        if !g.paused {
+            while let Some(w) = g.waiters.pop_front() {
+                match w.tx.send(Handoff::Server(server)) {
+                    Ok(()) => return,
+                    Err(Handoff::Server(s)) => server = s,
+                    Err(Handoff::Slot) => unreachable!("we sent a server"),
+                }
+            }
         }
         g.idle.push(server);
     }
 
-    /// Closes a server now and frees its slot.
-    fn close(&self, server: Box<Server>) {
+    /// Forgets a server whose slot is already accounted for and closes it politely
+    /// (Terminate) in the background.
+    fn retire(&self, server: Box<Server>, reason: CloseReason) {
+        self.count_close(&server, reason);
+        spawn_or_drop(server.terminate());
+    }
+
+    fn count_close(&self, server: &Server, reason: CloseReason) {
+        self.servers.remove(&server.id);
         self.stats.servers_closed.fetch_add(1, Ordering::Relaxed);
+        self.stats.closes[reason as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(db = %self.database, user = %self.user, server = server.id, reason = reason.as_str(), "server connection closed");
+    }
+
+    /// Closes a server now (no Terminate: its state is unknown) and frees its slot.
+    fn close(&self, server: Box<Server>, reason: CloseReason) {
+        self.count_close(&server, reason);
         drop(server);
         self.release_slot();
     }
@@ -281,7 +481,7 @@ impl Pool {
     fn give_back(self: &Arc<Self>, server: Box<Server>) {
         match server.state() {
             ReturnState::Clean => self.checkin(server),
-            ReturnState::Broken => self.close(server),
+            ReturnState::Broken => self.close(server, CloseReason::ServerError),
             ReturnState::NeedsRollback => {
                 let pool = self.clone();
                 spawn_or_drop(async move {
@@ -294,7 +494,7 @@ impl Pool {
                     if ok {
                         pool.checkin(server);
                     } else {
-                        pool.close(server);
+                        pool.close(server, CloseReason::RollbackFailed);
                     }
                 });
             }
@@ -304,17 +504,20 @@ impl Pool {
                 let pool = self.clone();
                 spawn_or_drop(async move {
                     let _ = send_cancel(&server.cancel, Duration::from_secs(5)).await;
-                    pool.close(server);
+                    pool.close(server, CloseReason::ClientGone);
                 });
             }
         }
     }
 
     /// Sets the live limit. Growing lets waiters in; shrinking closes surplus idle servers
-    /// now and busy ones as they come back.
+    /// now and busy ones as they come back (never mid-transaction).
     pub fn set_max_size(&self, n: usize) {
         let n = n.max(1);
         self.max_size.store(n, Ordering::Relaxed);
+        if self.min_size.load(Ordering::Relaxed) > n {
+            self.min_size.store(n, Ordering::Relaxed);
+        }
         let mut surplus = Vec::new();
         let mut g = self.lock();
         while g.total > n {
@@ -326,46 +529,133 @@ impl Pool {
                 None => break,
             }
         }
-        while g.total < n {
-            match g.waiters.pop_front() {
-                Some(w) => {
-                    if w.send(Handoff::Slot).is_ok() {
-                        g.total += 1;
-                    }
-                }
-                None => break,
-            }
-        }
+        self.dispatch(&mut g);
         drop(g);
         for s in surplus {
-            self.stats.servers_closed.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(s.terminate());
+            self.retire(s, CloseReason::PoolShrunk);
         }
     }
 
-    /// Closes idle servers unused for longer than `idle_timeout`.
+    /// Sets the number of servers kept open when idle (at most the pool size); the
+    /// maintenance task opens the missing ones.
+    pub fn set_min_size(&self, n: usize) {
+        self.min_size.store(
+            n.min(self.max_size.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Hands idle servers and free slots to waiters (after a resume or a larger limit).
+    fn dispatch(&self, g: &mut Inner) {
+        if g.paused {
+            return;
+        }
+        let max = self.max_size.load(Ordering::Relaxed);
+        while !g.waiters.is_empty() {
+            if let Some(s) = g.idle.pop() {
+                let w = g.waiters.pop_front().expect("not empty");
+                if let Err(Handoff::Server(s)) = w.tx.send(Handoff::Server(s)) {
+                    g.idle.push(s);
+                }
+            } else if g.total < max {
+                let w = g.waiters.pop_front().expect("not empty");
+                if w.tx.send(Handoff::Slot).is_ok() {
+                    g.total += 1;
+                }
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// PAUSE: new checkouts wait; running transactions go on.
+    pub fn pause(&self) {
+        self.lock().paused = true;
+    }
+
+    /// RESUME: waiting checkouts go on.
+    pub fn resume(&self) {
+        let mut g = self.lock();
+        g.paused = false;
+        self.dispatch(&mut g);
+    }
+
+    /// Servers checked out (or being opened) now.
+    pub fn in_use(&self) -> usize {
+        let g = self.lock();
+        g.total - g.idle.len()
+    }
+
+    /// Recycles every server: idle ones now, busy ones when released.
+    pub fn reconnect(&self, reason: CloseReason) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.close_idle_for(reason);
+    }
+
+    /// Closes idle servers unused for longer than `idle_timeout`, keeping min_pool_size.
     pub fn reap_idle(&self, idle_timeout: Duration) -> usize {
         let now = Instant::now();
+        let keep_min = self.min_size.load(Ordering::Relaxed);
         let mut g = self.lock();
-        let before = g.idle.len();
-        let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut g.idle)
-            .into_iter()
-            .partition(|s| now.duration_since(s.last_used) >= idle_timeout);
-        g.idle = keep;
+        let mut old = Vec::new();
+        // The idle stack is LIFO: the oldest are at the bottom.
+        let mut i = 0;
+        while i < g.idle.len() && g.total - old.len() > keep_min {
+            if now.duration_since(g.idle[i].last_used) >= idle_timeout {
+                old.push(g.idle.remove(i));
+            } else {
+                i += 1;
+            }
+        }
         g.total -= old.len();
         drop(g);
         let n = old.len();
-        debug_assert!(n <= before);
         for s in old {
-            self.stats.servers_closed.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(s.terminate());
+            self.retire(s, CloseReason::IdleTimeout);
         }
         n
     }
 
+    /// Closes every idle server.
+    pub fn close_idle_for(&self, reason: CloseReason) {
+        let mut g = self.lock();
+        let idle = std::mem::take(&mut g.idle);
+        g.total -= idle.len();
+        drop(g);
+        for s in idle {
+            self.retire(s, reason);
+        }
+    }
+
     /// Closes every idle server (shutdown).
     pub fn close_idle(&self) {
-        self.reap_idle(Duration::ZERO);
+        self.close_idle_for(CloseReason::Shutdown);
+    }
+
+    /// Opens servers up to min_pool_size (maintenance). Not while paused.
+    pub fn fill_to_min(self: &Arc<Self>) {
+        let min = self.min_size.load(Ordering::Relaxed);
+        let mut g = self.lock();
+        if g.paused {
+            return;
+        }
+        let mut n = 0;
+        while g.total < min {
+            g.total += 1;
+            n += 1;
+        }
+        drop(g);
+        for _ in 0..n {
+            let pool = self.clone();
+            spawn_or_drop(async move {
+                match pool.open().await {
+                    Ok(s) => pool.checkin(Box::new(s)),
+                    Err(e) => {
+                        tracing::warn!(db = %pool.database, user = %pool.user, error = %e, "could not open a server for min_pool_size")
+                    }
+                }
+            });
+        }
     }
 }
 

@@ -553,6 +553,8 @@ pub fn scan_server(
             statements: &mut server.statements,
             params: &mut server.params,
             status: &mut server.status,
+            readies: &mut server.readies,
+            error_classes: &mut server.error_classes,
         };
         let swallow = on_message(
             parts,
@@ -596,6 +598,8 @@ struct Parts<'a> {
     statements: &'a mut prepared::ServerStatements,
     params: &'a mut crate::params::ServerParams,
     status: &'a mut u8,
+    readies: &'a mut u64,
+    error_classes: &'a mut Vec<[u8; 2]>,
 }
 
 /// Handles one whole server message; returns whether to hide it from the client.
@@ -622,6 +626,7 @@ fn on_message(
             *s.status = *body
                 .first()
                 .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
+            *s.readies += 1;
             // Close the entry this answers, dropping what the server skipped before it.
             while let Some(e) = s.expect.pop_front() {
                 if e.ends_at_ready() {
@@ -637,6 +642,11 @@ fn on_message(
             params.reported(k, v);
         }
         b'E' => {
+            if let Ok(f) = ErrorFields::parse(body) {
+                if let [a, b, ..] = f.code().as_bytes() {
+                    s.error_classes.push([*a, *b]);
+                }
+            }
             let extended = s.expect.front().is_some_and(|e| !e.ends_at_ready());
             if extended {
                 let e = s.expect.pop_front().expect("non-empty");

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use crate::auth::{self, ScramServer};
 use crate::backend::{BackendError, Server};
 use crate::cancel::Registration;
+use crate::control::{ClientEntry, ClientIdent, ClientTicket};
 use crate::params::{self, ClientParams};
 use crate::pool::{Pool, PoolError, PooledServer};
 use crate::prepared::ClientStatements;
@@ -42,6 +43,7 @@ use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LI
 use crate::routing::{self, next_unit, Choice, Next, ReplicaSet, Target, Unit};
 use crate::sockio;
 use crate::Shared;
+use pgmux_admin::console::{Access, Reply};
 
 /// Largest authentication message accepted from a client (long enough for IAM tokens).
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
@@ -60,9 +62,26 @@ pub enum DisconnectReason {
     WaitTimeout,
     Shutdown,
     CancelRequest,
+    /// KILL from the admin surface.
+    Killed,
 }
 
 impl DisconnectReason {
+    pub const ALL: [DisconnectReason; 12] = [
+        DisconnectReason::ClientTerminate,
+        DisconnectReason::ClientClosed,
+        DisconnectReason::ClientProtocolError,
+        DisconnectReason::LoginFailed,
+        DisconnectReason::LoginTimeout,
+        DisconnectReason::TooManyClients,
+        DisconnectReason::ServerUnavailable,
+        DisconnectReason::ServerClosed,
+        DisconnectReason::WaitTimeout,
+        DisconnectReason::Shutdown,
+        DisconnectReason::CancelRequest,
+        DisconnectReason::Killed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DisconnectReason::ClientTerminate => "client_terminate",
@@ -76,6 +95,7 @@ impl DisconnectReason {
             DisconnectReason::WaitTimeout => "query_wait_timeout",
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::CancelRequest => "cancel_request",
+            DisconnectReason::Killed => "killed",
         }
     }
 }
@@ -150,6 +170,20 @@ impl Client {
 /// Entry point for an accepted connection.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let ticket = ClientTicket::register(&shared, peer, local);
+    let reason = serve_client(&shared, stream, peer, &ticket.entry).await;
+    shared.count_disconnect(reason);
+}
+
+async fn serve_client(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    entry: &Arc<ClientEntry>,
+) -> DisconnectReason {
     let cfg = shared.config.load_full();
     let mut client = Client {
         stream,
@@ -160,7 +194,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     // and must not make every idle client's task bigger.
     let login = tokio::time::timeout(
         cfg.client_login_timeout,
-        Box::pin(login(&shared, &cfg, &mut client)),
+        Box::pin(login(shared, &cfg, &mut client)),
     )
     .await;
     let reason = match login {
@@ -175,7 +209,22 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             DisconnectReason::LoginTimeout
         }
         Ok(Err(reason)) => reason,
-        Ok(Ok(session)) => {
+        Ok(Ok(LoggedIn::Console {
+            user,
+            access,
+            registration,
+        })) => {
+            entry.logged_in(
+                ClientIdent {
+                    user,
+                    database: CONSOLE_DATABASE.to_owned(),
+                    application_name: String::new(),
+                },
+                registration.pid,
+            );
+            return Box::pin(console(shared, &mut client, access, entry)).await;
+        }
+        Ok(Ok(LoggedIn::Pool(session))) => {
             let Login {
                 pool,
                 replicas,
@@ -184,10 +233,19 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 user,
                 database,
                 _count,
-            } = session;
+            } = *session;
+            entry.logged_in(
+                ClientIdent {
+                    user: user.clone(),
+                    database: database.clone(),
+                    application_name: params.get("application_name").unwrap_or("").to_owned(),
+                },
+                registration.pid,
+            );
+            let _in_pool = PoolClient::enter(&pool);
             let read_routing = cfg.read_routing_for(&database, &user);
             let mut s = Session {
-                shared: &shared,
+                shared,
                 cfg: &cfg,
                 pool,
                 replicas,
@@ -199,14 +257,43 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 statements: ClientStatements::default(),
                 skip_to_sync: false,
                 to_server: BytesMut::new(),
+                entry,
             };
             let reason = s.serve().await;
             tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
             drop(_count);
-            return;
+            return reason;
         }
     };
     tracing::debug!(%peer, reason = reason.as_str(), "client connection closed during login");
+    reason
+}
+
+/// Counts a client in its pool's `clients` while it is logged in.
+struct PoolClient(Arc<Pool>);
+
+impl PoolClient {
+    fn enter(pool: &Arc<Pool>) -> PoolClient {
+        pool.clients.fetch_add(1, Ordering::Relaxed);
+        PoolClient(pool.clone())
+    }
+}
+
+impl Drop for PoolClient {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a successful login leads to.
+enum LoggedIn {
+    Pool(Box<Login>),
+    /// The SQL admin console (database `pgbouncer` or `pgmux`).
+    Console {
+        user: String,
+        access: Access,
+        registration: Registration,
+    },
 }
 
 /// A logged-in client, ready to serve.
@@ -244,7 +331,7 @@ async fn login(
     shared: &Arc<Shared>,
     cfg: &Arc<Config>,
     client: &mut Client,
-) -> Result<Login, DisconnectReason> {
+) -> Result<LoggedIn, DisconnectReason> {
     use DisconnectReason::*;
     // --- startup packet(s)
     let mut ssl_answered = false;
@@ -387,6 +474,47 @@ async fn login(
         return Err(reason);
     }
 
+    // --- the admin console (unless a real database has that name)
+    if CONSOLE_NAMES.contains(&database.as_str()) && !cfg.databases.contains_key(&database) {
+        let access = if cfg.admin_users.contains(&user) {
+            Access::Admin
+        } else if cfg.stats_users.contains(&user) {
+            Access::Stats
+        } else {
+            let text = format!(
+                "user \"{user}\" may not use the admin console (not in admin_users or stats_users)"
+            );
+            client
+                .fail(Severity::Fatal, sqlstate::INSUFFICIENT_PRIVILEGE, &text)
+                .await;
+            return Err(LoginFailed);
+        };
+        let registration = shared.cancel.register();
+        msg::auth_ok(&mut client.wbuf);
+        for (k, v) in [
+            ("server_version", "15.0 (pgmux console)"),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on"),
+            ("application_name", "pgmux"),
+        ] {
+            msg::parameter_status(&mut client.wbuf, k, v);
+        }
+        msg::backend_key_data(&mut client.wbuf, registration.pid, registration.secret);
+        msg::ready_for_query(&mut client.wbuf, b'I');
+        if client.flush().await.is_err() {
+            return Err(ClientClosed);
+        }
+        drop(count);
+        return Ok(LoggedIn::Console {
+            user,
+            access,
+            registration,
+        });
+    }
+
     // --- database and pool
     let Some(db) = cfg.databases.get(&database) else {
         let text = format!("database \"{database}\" does not exist");
@@ -433,7 +561,7 @@ async fn login(
         return Err(ClientClosed);
     }
     let replicas = shared.replicas_for(cfg, db, &user);
-    Ok(Login {
+    Ok(LoggedIn::Pool(Box::new(Login {
         pool,
         replicas,
         params,
@@ -441,7 +569,105 @@ async fn login(
         user,
         database,
         _count: count,
-    })
+    })))
+}
+
+/// The virtual databases of the SQL admin console.
+const CONSOLE_NAMES: [&str; 2] = ["pgbouncer", "pgmux"];
+const CONSOLE_DATABASE: &str = "pgbouncer";
+
+/// The SQL admin console: simple-protocol queries answered by [`pgmux_admin::console`].
+async fn console(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    access: Access,
+    entry: &ClientEntry,
+) -> DisconnectReason {
+    // Commands are short; a long message is a mistake or an attack.
+    const MAX_CONSOLE_MESSAGE: usize = 1024 * 1024;
+    // After an extended-protocol message was refused: ignore up to Sync.
+    let mut skipping = false;
+    loop {
+        if client.flush().await.is_err() {
+            return DisconnectReason::ClientClosed;
+        }
+        let frame = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => {
+                client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+                return DisconnectReason::Shutdown;
+            }
+            _ = entry.kill.cancelled() => {
+                client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
+                return DisconnectReason::Killed;
+            }
+            f = client.read_frame(MAX_CONSOLE_MESSAGE) => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(ProtocolError::Io(_)) => return DisconnectReason::ClientClosed,
+            Err(e) => return client.protocol_violation(&e).await,
+        };
+        match frame.tag {
+            b'Q' => {
+                let Some((sql, _)) = msg::cstr(&frame.body) else {
+                    return client
+                        .protocol_violation(&"invalid Query message: missing terminator")
+                        .await;
+                };
+                let sql = String::from_utf8_lossy(sql);
+                let replies = pgmux_admin::console::execute(&**shared, access, &sql).await;
+                for r in replies {
+                    encode_console_reply(&mut client.wbuf, r);
+                }
+                msg::ready_for_query(&mut client.wbuf, b'I');
+            }
+            b'X' => return DisconnectReason::ClientTerminate,
+            b'S' => {
+                skipping = false;
+                msg::ready_for_query(&mut client.wbuf, b'I');
+            }
+            b'H' => {}
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'F' => {
+                if !skipping {
+                    msg::error_response(
+                        &mut client.wbuf,
+                        Severity::Error,
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the admin console supports the simple query protocol only",
+                    );
+                    skipping = true;
+                }
+            }
+            other => {
+                let text = format!("invalid frontend message type {}", other);
+                client
+                    .fail(Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, &text)
+                    .await;
+                return DisconnectReason::ClientProtocolError;
+            }
+        }
+    }
+}
+
+fn encode_console_reply(buf: &mut BytesMut, reply: Reply) {
+    match reply {
+        Reply::Table { columns, rows, tag } => {
+            let cols: Vec<(&str, u32, i16)> = columns
+                .iter()
+                .map(|c| (c.name, c.ty.oid(), c.ty.len()))
+                .collect();
+            msg::row_description(buf, &cols);
+            for row in &rows {
+                msg::data_row(buf, row);
+            }
+            msg::command_complete(buf, &tag);
+        }
+        Reply::Done(tag) => msg::command_complete(buf, &tag),
+        Reply::Notice { message, detail } => msg::notice_response(buf, &message, detail.as_deref()),
+        Reply::Error { code, message } => msg::error_response(buf, Severity::Error, code, &message),
+        Reply::Empty => msg::empty_query_response(buf),
+    }
 }
 
 /// Runs the configured authentication exchange. `Err(LoginFailed)` means wrong
@@ -583,6 +809,16 @@ struct Session<'a> {
     skip_to_sync: bool,
     /// Bytes on their way to the linked server.
     to_server: BytesMut,
+    /// This client in the registry (state for listings, kill token).
+    entry: &'a ClientEntry,
+}
+
+/// What one link moved, added to the pool's totals when it ends.
+#[derive(Default)]
+struct LinkCounters {
+    to_server: u64,
+    from_server: u64,
+    query_us: u64,
 }
 
 /// Why forwarding stopped without the server being released normally.
@@ -637,6 +873,10 @@ impl Session<'_> {
                         self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                         return DisconnectReason::Shutdown;
                     }
+                    _ = self.entry.kill.cancelled() => {
+                        self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
+                        return DisconnectReason::Killed;
+                    }
                     r = self.client.read_more() => match r {
                         Ok(0) | Err(_) => return DisconnectReason::ClientClosed,
                         Ok(_) => {}
@@ -663,7 +903,16 @@ impl Session<'_> {
             }
 
             // --- a server for this transaction
-            let (server, choice, replay) = match self.checkout().await {
+            self.entry.waiting();
+            let checkout = tokio::select! {
+                biased;
+                _ = self.entry.kill.cancelled() => {
+                    self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
+                    return DisconnectReason::Killed;
+                }
+                r = self.checkout() => r,
+            };
+            let (server, choice, replay) = match checkout {
                 Ok(s) => s,
                 Err(e) => {
                     report_checkout_error(&mut self.client, &e).await;
@@ -696,7 +945,8 @@ impl Session<'_> {
     /// A server for the client's next unit of work: a replica when routing allows it.
     /// For a replica, also a copy of the unit when it may be sent again elsewhere.
     async fn checkout(&mut self) -> Result<(PooledServer, Choice, Option<Bytes>), PoolError> {
-        let wait = self.cfg.query_wait_timeout;
+        // Read now, not at login: a live change applies to the next transaction.
+        let wait = self.shared.config.load().query_wait_timeout;
         let mut choice = Choice {
             target: Target::Primary,
             writes: true,
@@ -782,14 +1032,34 @@ impl Session<'_> {
         if let Some(r) = &replica {
             r.outstanding.fetch_add(1, Ordering::Relaxed);
         }
-        let end = self.forward(&mut server, replica.is_some(), replay).await;
+        let started = std::time::Instant::now();
+        let server_entry = server.entry.clone();
+        if let Some(e) = &server_entry {
+            e.link(self.entry.id);
+        }
+        self.entry.linked(server.id, server.cancel.pid);
+        let readies = server.readies;
+        let pool = server.pool().clone();
+        let end = self
+            .forward(&mut server, &pool, replica.is_some(), replay)
+            .await;
         self.registration.slot.unlink().await;
+        self.entry.idle();
+        let stats = &pool.stats;
+        if let Some(e) = &server_entry {
+            e.prepared.store(server.statements.len(), Ordering::Relaxed);
+            e.link(0);
+        }
+        stats
+            .queries
+            .fetch_add(server.readies - readies, Ordering::Relaxed);
         if matches!(end, LinkEnd::Released) {
-            server
-                .pool()
-                .stats
-                .transactions
-                .fetch_add(1, Ordering::Relaxed);
+            let took = started.elapsed();
+            stats.transactions.fetch_add(1, Ordering::Relaxed);
+            stats
+                .xact_us
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            pool.histograms.transaction.record(took.as_secs_f64());
         }
         drop(server);
         if let Some(set) = &self.replicas {
@@ -835,10 +1105,43 @@ impl Session<'_> {
     async fn forward(
         &mut self,
         server: &mut Server,
+        pool: &Pool,
+        one_unit: bool,
+        replay: Option<Bytes>,
+    ) -> LinkEnd {
+        let mut counters = LinkCounters::default();
+        let end = self
+            .forward_counted(server, pool, one_unit, replay, &mut counters)
+            .await;
+        let stats = &pool.stats;
+        stats
+            .bytes_received
+            .fetch_add(counters.to_server, Ordering::Relaxed);
+        stats
+            .bytes_sent
+            .fetch_add(counters.from_server, Ordering::Relaxed);
+        stats
+            .query_us
+            .fetch_add(counters.query_us, Ordering::Relaxed);
+        if !server.error_classes.is_empty() {
+            let mut errors = stats.errors.lock().unwrap_or_else(|e| e.into_inner());
+            for class in server.error_classes.drain(..) {
+                *errors.entry(class).or_insert(0) += 1;
+            }
+        }
+        end
+    }
+
+    async fn forward_counted(
+        &mut self,
+        server: &mut Server,
+        pool: &Pool,
         one_unit: bool,
         mut replay: Option<Bytes>,
+        counters: &mut LinkCounters,
     ) -> LinkEnd {
         let max = self.cfg.max_message_size;
+        let histograms = &pool.histograms;
         let client = &mut self.client;
         let params = &mut self.params;
         let statements = &mut self.statements;
@@ -850,6 +1153,8 @@ impl Session<'_> {
         let to_server = &mut self.to_server;
         to_server.clear();
         let mut client_done = false;
+        // When the oldest unanswered request went out.
+        let mut query_start: Option<std::time::Instant> = None;
         // One-unit mode: the unit has been pumped whole.
         let mut unit_done = false;
         let reply_start = client.wbuf.len();
@@ -962,8 +1267,26 @@ impl Session<'_> {
                     client.server_lost().await;
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
-                Ev::ServerRead(Ok(_)) => {
-                    match scan_server(server, &mut client.wbuf, params, statements) {
+                Ev::ServerRead(Ok(n)) => {
+                    counters.from_server += n as u64;
+                    let readies = server.readies;
+                    let scanned = scan_server(server, &mut client.wbuf, params, statements);
+                    if server.readies != readies {
+                        // Answers complete: one query duration per ReadyForQuery.
+                        let now = std::time::Instant::now();
+                        if let Some(t) = query_start.take() {
+                            let took = now - t;
+                            counters.query_us +=
+                                took.as_micros() as u64 * (server.readies - readies);
+                            for _ in readies..server.readies {
+                                histograms.query.record(took.as_secs_f64());
+                            }
+                        }
+                        if !server.expect.is_empty() {
+                            query_start = Some(now);
+                        }
+                    }
+                    match scanned {
                         Ok(()) => {}
                         Err(e) => {
                             server.dirty = true;
@@ -981,7 +1304,11 @@ impl Session<'_> {
                 }
                 // Drop emptied buffers that share memory with the other side's read buffer,
                 // so that buffer can reuse its allocation instead of growing a new one.
-                Ev::ServerWrite(Ok(_)) => {
+                Ev::ServerWrite(Ok(n)) => {
+                    counters.to_server += n as u64;
+                    if query_start.is_none() {
+                        query_start = Some(std::time::Instant::now());
+                    }
                     if to_server.is_empty() {
                         *to_server = BytesMut::new();
                     }

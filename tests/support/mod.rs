@@ -781,6 +781,8 @@ pub fn pg_url(port: u16, user: &str, password: &str, db: &str) -> String {
 pub struct Pgmux {
     child: Child,
     port: u16,
+    /// Port of the admin HTTP listener.
+    admin_port: u16,
     log_file: PathBuf,
     _dir: TempDir,
 }
@@ -835,6 +837,25 @@ impl Pgmux {
                 port
             }
         };
+        // The admin listener gets a free port too, unless the test chose one.
+        let admin_value = args
+            .iter()
+            .position(|a| *a == "--admin-listen")
+            .and_then(|i| args.get(i + 1).map(|v| v.to_string()))
+            .or_else(|| {
+                env.iter()
+                    .rev()
+                    .find(|(k, _)| *k == "PGMUX_ADMIN_LISTEN")
+                    .map(|(_, v)| v.to_string())
+            });
+        let admin_port = match admin_value {
+            Some(addr) => addr.rsplit(':').next().unwrap_or("").parse::<u16>().unwrap_or(0),
+            None => {
+                let p = free_port();
+                cmd.arg("--admin-listen").arg(format!("127.0.0.1:{p}"));
+                p
+            }
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
@@ -843,6 +864,7 @@ impl Pgmux {
         let mut pgmux = Pgmux {
             child,
             port,
+            admin_port,
             log_file,
             _dir: dir,
         };
@@ -871,6 +893,11 @@ impl Pgmux {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `http://127.0.0.1:<admin port>`: the admin HTTP API.
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
     }
 
     /// `postgres://user:password@127.0.0.1:<pgmux port>/db`.

@@ -69,6 +69,66 @@ pub fn error_response_from_fields(buf: &mut BytesMut, fields: &ErrorFields, seve
     });
 }
 
+/// NoticeResponse with severity NOTICE (code 00000).
+pub fn notice_response(buf: &mut BytesMut, message: &str, detail: Option<&str>) {
+    put_msg(buf, b'N', |b| {
+        for (k, v) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', "00000"),
+            (b'M', message),
+        ] {
+            b.put_u8(k);
+            put_cstr(b, v);
+        }
+        if let Some(d) = detail {
+            b.put_u8(b'D');
+            put_cstr(b, d);
+        }
+        b.put_u8(0);
+    });
+}
+
+/// RowDescription of text-format columns: (name, type oid, type length).
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32, i16)]) {
+    put_msg(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for (name, oid, len) in columns {
+            put_cstr(b, name);
+            b.put_u32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_u32(*oid);
+            b.put_i16(*len);
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values (None = NULL).
+pub fn data_row(buf: &mut BytesMut, values: &[Option<String>]) {
+    put_msg(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put_msg(buf, b'C', |b| put_cstr(b, tag));
+}
+
+pub fn empty_query_response(buf: &mut BytesMut) {
+    put_msg(buf, b'I', |_| {});
+}
+
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
     put_msg(buf, b'S', |b| {
         put_cstr(b, name);

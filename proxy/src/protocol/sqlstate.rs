@@ -12,3 +12,4 @@ pub const INVALID_CATALOG_NAME: &str = "3D000";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const QUERY_CANCELED: &str = "57014";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
