@@ -10,6 +10,12 @@
 //! Checkout returns a [`PooledServer`] guard; dropping it returns the server: clean ones
 //! are reused, ones idle inside a transaction are rolled back first, busy or corrupt ones
 //! are cancelled and closed. A server is never handed on in a dirty state.
+//!
+//! Live control, all under the same mutex: a *paused* pool hands nothing out (checkouts
+//! queue as waiters, servers coming back go idle) until resumed; the *generation* is
+//! bumped by reconnect/kill, and a server opened before it is closed when it comes back;
+//! `set_max_size` / `set_min_size` change the limits, and every close is counted with
+//! its [`CloseReason`]. Each open server has a [`ServerEntry`] for the admin listings.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Deref, DerefMut};

@@ -1142,6 +1142,9 @@ impl Session<'_> {
     ) -> LinkEnd {
         let max = self.cfg.max_message_size;
         let histograms = &pool.histograms;
+        // KILL ends the client in the middle of a transaction too.
+        let killed = self.entry.kill.cancelled();
+        tokio::pin!(killed);
         let client = &mut self.client;
         let params = &mut self.params;
         let statements = &mut self.statements;
@@ -1235,6 +1238,7 @@ impl Session<'_> {
                 ServerRead(std::io::Result<usize>),
                 ServerWrite(std::io::Result<usize>),
                 ClientWrite(std::io::Result<usize>),
+                Killed,
             }
             let ev = {
                 let cs = &client.stream;
@@ -1251,6 +1255,7 @@ impl Session<'_> {
                     r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
                     r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
                     r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
+                    _ = &mut killed => Ev::Killed,
                 }
             };
             match ev {
@@ -1319,6 +1324,21 @@ impl Session<'_> {
                     }
                 }
                 Ev::ClientWrite(Err(_)) => return LinkEnd::Ended(DisconnectReason::ClientClosed),
+                Ev::Killed => {
+                    // The pool cancels a running query and closes the server (KILL bumped
+                    // its generation); half a message sent means the stream is unusable.
+                    if !to_server.is_empty() {
+                        server.dirty = true;
+                    }
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::ADMIN_SHUTDOWN,
+                            "connection killed by the administrator",
+                        )
+                        .await;
+                    return LinkEnd::Ended(DisconnectReason::Killed);
+                }
             }
         }
     }
