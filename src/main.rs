@@ -82,8 +82,8 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Some(Command::Top(_)) => unreachable!("handled above"),
-        None => serve(config, flags),
+        // `top` returned above.
+        Some(Command::Top(_)) | None => serve(config, flags),
     }
 }
 

@@ -69,7 +69,7 @@ pub fn router(control: Arc<dyn Control>, metrics: Arc<Metrics>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled (graceful), with ConnectInfo<SocketAddr> so the
+/// Serves until `shutdown` is cancelled (graceful), with `ConnectInfo<SocketAddr>` so the
 /// peer address is known.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -16,6 +16,10 @@
 //!
 //! The HTTP API and the console run the same [`Control`] calls, so a live change made
 //! from one is the same change made from the other.
+//!
+//! Dependencies point one way: the proxy crate depends on this one (it implements
+//! [`Control`], records into [`metrics::PoolHistograms`] and hands console queries to
+//! [`console::execute`]); this crate knows nothing of the proxy's types.
 
 pub mod console;
 pub mod http;
