@@ -130,6 +130,15 @@ fn serve(config: Config, flags: Flags) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // The admin listener first: probes answer as soon as clients can connect.
+        let admin_addr = config.admin.listen;
+        let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pgmux: cannot listen on {admin_addr} (admin.listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let listen = config.listen;
         let proxy = match pgmux_proxy::Proxy::bind(config).await {
             Ok(p) => p,
@@ -143,14 +152,6 @@ fn serve(config: Config, flags: Flags) -> ExitCode {
             let env: BTreeMap<String, String> = std::env::vars().collect();
             pgmux_config::load(&flags, &env)
         }));
-        let admin_addr = shared.config.load().admin.listen;
-        let admin_listener = match tokio::net::TcpListener::bind(admin_addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("pgmux: cannot listen on {admin_addr} (admin.listen): {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         let admin_stop = tokio_util::sync::CancellationToken::new();
         let admin = tokio::spawn(pgmux_admin::http::serve(
             admin_listener,

@@ -96,8 +96,8 @@ pub struct AdminAuth {
     /// `admin.token`: when set, mutating endpoints need `Authorization: Bearer <token>`;
     /// when unset they are refused from non-loopback peers.
     pub token: Option<String>,
-    /// `admin.protect_reads`: read-only endpoints need the token too (probes and
-    /// `/metrics` stay open).
+    /// `admin.protect_reads`: read-only endpoints and `/metrics` need the token too
+    /// (the probes stay open).
     pub protect_reads: bool,
 }
 

@@ -849,7 +849,12 @@ impl Pgmux {
                     .map(|(_, v)| v.to_string())
             });
         let admin_port = match admin_value {
-            Some(addr) => addr.rsplit(':').next().unwrap_or("").parse::<u16>().unwrap_or(0),
+            Some(addr) => addr
+                .rsplit(':')
+                .next()
+                .unwrap_or("")
+                .parse::<u16>()
+                .unwrap_or(0),
             None => {
                 let p = free_port();
                 cmd.arg("--admin-listen").arg(format!("127.0.0.1:{p}"));
