@@ -11,6 +11,9 @@
 //!   copies a [`Control`] snapshot into the recorder just before rendering, so there is
 //!   one source of truth and nothing is counted twice.
 //!
+//! Recorded samples wait in the recorder until they are folded into buckets:
+//! [`Metrics::run_upkeep`] does that, and must run periodically.
+//!
 //! Labels stay bounded: database, user, role, and small fixed sets (state, reason,
 //! SQLSTATE class, replica address from the configuration).
 
@@ -103,6 +106,14 @@ impl Metrics {
     fn gauge(&self, name: &'static str, l: Vec<Label>) -> Gauge {
         self.recorder
             .register_gauge(&Key::from_parts(name, l), &METADATA)
+    }
+
+    /// Folds the samples recorded since the last call into the histograms' buckets. The
+    /// recorder keeps every sample until then, so this must run periodically (the proxy's
+    /// maintenance task calls it every second), not only when Prometheus scrapes: without
+    /// a scrape, memory would grow with every transaction.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// The histogram handles of one pool.

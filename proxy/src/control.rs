@@ -16,7 +16,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,7 +29,6 @@ use pgmux_admin::{
     RouteCounts, ServerCounts, ServerInfo, Totals,
 };
 use pgmux_config::{Config, ConfigError};
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::{display_addr, ServerStream};
 use crate::pool::{CloseReason, Pool};
@@ -82,17 +84,45 @@ impl ClientState {
     }
 }
 
-/// Who a logged-in client is.
-#[derive(Debug)]
-pub struct ClientIdent {
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+/// Who a logged-in client is. Pool clients point at their pool for the names, so the
+/// registry costs no string copies per client.
+pub enum ClientIdent {
+    Pool {
+        pool: Arc<Pool>,
+        application_name: Box<str>,
+    },
+    Console {
+        user: Box<str>,
+    },
+}
+
+impl ClientIdent {
+    pub fn user(&self) -> &str {
+        match self {
+            ClientIdent::Pool { pool, .. } => &pool.user,
+            ClientIdent::Console { user } => user,
+        }
+    }
+
+    pub fn database(&self) -> &str {
+        match self {
+            ClientIdent::Pool { pool, .. } => &pool.database,
+            ClientIdent::Console { .. } => crate::session::CONSOLE_DATABASE,
+        }
+    }
+
+    pub fn application_name(&self) -> &str {
+        match self {
+            ClientIdent::Pool {
+                application_name, ..
+            } => application_name,
+            ClientIdent::Console { .. } => "",
+        }
+    }
 }
 
 /// One client connection in the registry. The session updates it at each transition;
 /// the admin surface reads it.
-#[derive(Debug)]
 pub struct ClientEntry {
     pub id: u64,
     pub peer: SocketAddr,
@@ -106,8 +136,10 @@ pub struct ClientEntry {
     server: AtomicU64,
     server_pid: AtomicI32,
     cancel_pid: AtomicI32,
-    /// Cancelled by KILL: the session ends.
-    pub kill: CancellationToken,
+    /// Set by KILL: the session ends. A flag and the session task's waker, rather than a
+    /// cancellation token: no allocation per client and a tiny future to wait on.
+    killed: AtomicBool,
+    waker: AtomicWaker,
 }
 
 fn unix_now() -> u64 {
@@ -147,6 +179,28 @@ impl ClientEntry {
         self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
     }
 
+    /// KILL: the session ends at its next step (idle, waiting or linked).
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once [`ClientEntry::kill`] was called. Only the session's own task waits
+    /// on it (one waker slot).
+    pub fn killed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.killed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.killed.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     fn state(&self) -> ClientState {
         ClientState::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -173,7 +227,8 @@ impl ClientTicket {
             server: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
             cancel_pid: AtomicI32::new(0),
-            kill: CancellationToken::new(),
+            killed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         shared.client_list.insert(id, entry.clone());
         ClientTicket {
@@ -349,10 +404,10 @@ impl Control for Shared {
                     id: e.id,
                     addr: e.peer.to_string(),
                     local_addr: e.local.to_string(),
-                    user: ident.map(|i| i.user.clone()).unwrap_or_default(),
-                    database: ident.map(|i| i.database.clone()).unwrap_or_default(),
+                    user: ident.map(|i| i.user().to_owned()).unwrap_or_default(),
+                    database: ident.map(|i| i.database().to_owned()).unwrap_or_default(),
                     application_name: ident
-                        .map(|i| i.application_name.clone())
+                        .map(|i| i.application_name().to_owned())
                         .unwrap_or_default(),
                     state: state.as_str(),
                     connect_time: e.connected_unix,
@@ -697,8 +752,8 @@ impl Control for Shared {
     fn kill(&self, database: &str) -> Result<(), ControlError> {
         self.check_database(Some(database))?;
         for c in self.client_list.iter() {
-            if c.ident.get().is_some_and(|i| i.database == database) {
-                c.kill.cancel();
+            if c.ident.get().is_some_and(|i| i.database() == database) {
+                c.kill();
             }
         }
         for p in self.pools_of(Some(database)) {

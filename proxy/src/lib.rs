@@ -325,12 +325,13 @@ impl Proxy {
     }
 }
 
-/// Periodic pool upkeep: idle server reaping above min_pool_size, then opening servers
-/// up to it.
+/// Periodic upkeep: histogram samples folded into buckets (bounded memory without
+/// scrapes), idle server reaping above min_pool_size, then opening servers up to it.
 async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        shared.metrics.run_upkeep();
         let idle_timeout = shared.config.load().server_idle_timeout;
         for p in shared.all_pools() {
             if !idle_timeout.is_zero() {

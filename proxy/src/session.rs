@@ -214,14 +214,7 @@ async fn serve_client(
             access,
             registration,
         })) => {
-            entry.logged_in(
-                ClientIdent {
-                    user,
-                    database: CONSOLE_DATABASE.to_owned(),
-                    application_name: String::new(),
-                },
-                registration.pid,
-            );
+            entry.logged_in(ClientIdent::Console { user: user.into() }, registration.pid);
             return Box::pin(console(shared, &mut client, access, entry)).await;
         }
         Ok(Ok(LoggedIn::Pool(session))) => {
@@ -235,10 +228,9 @@ async fn serve_client(
                 _count,
             } = *session;
             entry.logged_in(
-                ClientIdent {
-                    user: user.clone(),
-                    database: database.clone(),
-                    application_name: params.get("application_name").unwrap_or("").to_owned(),
+                ClientIdent::Pool {
+                    pool: pool.clone(),
+                    application_name: params.get("application_name").unwrap_or("").into(),
                 },
                 registration.pid,
             );
@@ -574,7 +566,7 @@ async fn login(
 
 /// The virtual databases of the SQL admin console.
 const CONSOLE_NAMES: [&str; 2] = ["pgbouncer", "pgmux"];
-const CONSOLE_DATABASE: &str = "pgbouncer";
+pub(crate) const CONSOLE_DATABASE: &str = "pgbouncer";
 
 /// The SQL admin console: simple-protocol queries answered by [`pgmux_admin::console`].
 async fn console(
@@ -597,7 +589,7 @@ async fn console(
                 client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                 return DisconnectReason::Shutdown;
             }
-            _ = entry.kill.cancelled() => {
+            _ = entry.killed() => {
                 client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
                 return DisconnectReason::Killed;
             }
@@ -873,7 +865,7 @@ impl Session<'_> {
                         self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
                         return DisconnectReason::Shutdown;
                     }
-                    _ = self.entry.kill.cancelled() => {
+                    _ = self.entry.killed() => {
                         self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
                         return DisconnectReason::Killed;
                     }
@@ -906,7 +898,7 @@ impl Session<'_> {
             self.entry.waiting();
             let checkout = tokio::select! {
                 biased;
-                _ = self.entry.kill.cancelled() => {
+                _ = self.entry.killed() => {
                     self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
                     return DisconnectReason::Killed;
                 }
@@ -1143,8 +1135,7 @@ impl Session<'_> {
         let max = self.cfg.max_message_size;
         let histograms = &pool.histograms;
         // KILL ends the client in the middle of a transaction too.
-        let killed = self.entry.kill.cancelled();
-        tokio::pin!(killed);
+        let entry = self.entry;
         let client = &mut self.client;
         let params = &mut self.params;
         let statements = &mut self.statements;
@@ -1255,7 +1246,7 @@ impl Session<'_> {
                     r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
                     r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
                     r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
-                    _ = &mut killed => Ev::Killed,
+                    _ = entry.killed() => Ev::Killed,
                 }
             };
             match ev {
