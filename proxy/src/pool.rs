@@ -353,7 +353,10 @@ impl Pool {
                     return Ok(PooledServer::new(self.clone(), s));
                 }
                 Handoff::Slot => {
-                    let s = Box::new(self.open().await?);
+                    // Boxed: connect + login is a large future, needed only when a
+                    // connection is opened; inline it would size every waiting (and so
+                    // every idle) client's task for it.
+                    let s = Box::new(Box::pin(self.open()).await?);
                     self.record_wait(start);
                     return Ok(PooledServer::new(self.clone(), s));
                 }
