@@ -106,6 +106,15 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Default 10m; zero means never.
     pub server_idle_timeout: Duration,
+    /// Close clients idle between transactions this long (`57P05`); default 0 = never.
+    pub client_idle_timeout: Duration,
+    /// Close clients idle inside a transaction this long (`25P03`; the server's
+    /// transaction is rolled back and the server reused); default 0 = never.
+    pub idle_transaction_timeout: Duration,
+    /// Close a server connection at release once it is this old (with up to 10% random
+    /// jitter, so connections opened together do not all go together); default 1h,
+    /// 0 = never.
+    pub server_lifetime: Duration,
     /// Default 64 MiB; `1024 ..= 1 GiB`.
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
@@ -479,6 +488,9 @@ impl Default for Config {
             client_login_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             server_idle_timeout: Duration::from_secs(600),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            server_lifetime: Duration::from_secs(3600),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
@@ -572,6 +584,9 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_CLIENT_LOGIN_TIMEOUT", "client_login_timeout"),
     ("PGMUX_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
     ("PGMUX_SERVER_IDLE_TIMEOUT", "server_idle_timeout"),
+    ("PGMUX_CLIENT_IDLE_TIMEOUT", "client_idle_timeout"),
+    ("PGMUX_IDLE_TRANSACTION_TIMEOUT", "idle_transaction_timeout"),
+    ("PGMUX_SERVER_LIFETIME", "server_lifetime"),
     ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
     ("PGMUX_WORKERS", "workers"),
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),

@@ -72,6 +72,12 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("client_login_timeout", duration(c.client_login_timeout)),
         ("shutdown_timeout", duration(c.shutdown_timeout)),
         ("server_idle_timeout", duration(c.server_idle_timeout)),
+        ("client_idle_timeout", duration(c.client_idle_timeout)),
+        (
+            "idle_transaction_timeout",
+            duration(c.idle_transaction_timeout),
+        ),
+        ("server_lifetime", duration(c.server_lifetime)),
         ("max_message_size", size(c.max_message_size)),
         ("workers", int(c.workers)),
         ("max_prepared_statements", int(c.max_prepared_statements)),

@@ -88,6 +88,9 @@ pub(crate) struct Scalars {
     client_login_timeout: Option<Sourced<Duration>>,
     shutdown_timeout: Option<Sourced<Duration>>,
     server_idle_timeout: Option<Sourced<Duration>>,
+    client_idle_timeout: Option<Sourced<Duration>>,
+    idle_transaction_timeout: Option<Sourced<Duration>>,
+    server_lifetime: Option<Sourced<Duration>>,
     max_message_size: Option<Sourced<usize>>,
     workers: Option<Sourced<usize>>,
     max_prepared_statements: Option<Sourced<usize>>,
@@ -115,6 +118,9 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "client_login_timeout",
     "shutdown_timeout",
     "server_idle_timeout",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "server_lifetime",
     "max_message_size",
     "workers",
     "max_prepared_statements",
@@ -141,6 +147,9 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "client_login_timeout",
     "shutdown_timeout",
     "server_idle_timeout",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "server_lifetime",
     "read_your_writes",
     "max_replica_lag",
 ];
@@ -215,6 +224,9 @@ impl Scalars {
             | "client_login_timeout"
             | "shutdown_timeout"
             | "server_idle_timeout"
+            | "client_idle_timeout"
+            | "idle_transaction_timeout"
+            | "server_lifetime"
             | "max_replica_lag"
             | "replica_check_interval" => {
                 let d = Some(Sourced::new(
@@ -229,6 +241,9 @@ impl Scalars {
                     "shutdown_timeout" => self.shutdown_timeout = d,
                     "max_replica_lag" => self.max_replica_lag = d,
                     "replica_check_interval" => self.replica_check_interval = d,
+                    "client_idle_timeout" => self.client_idle_timeout = d,
+                    "idle_transaction_timeout" => self.idle_transaction_timeout = d,
+                    "server_lifetime" => self.server_lifetime = d,
                     _ => self.server_idle_timeout = d,
                 }
             }
@@ -270,6 +285,12 @@ impl Scalars {
             (self.client_login_timeout, &mut c.client_login_timeout),
             (self.shutdown_timeout, &mut c.shutdown_timeout),
             (self.server_idle_timeout, &mut c.server_idle_timeout),
+            (self.client_idle_timeout, &mut c.client_idle_timeout),
+            (
+                self.idle_transaction_timeout,
+                &mut c.idle_transaction_timeout,
+            ),
+            (self.server_lifetime, &mut c.server_lifetime),
         ];
         for (src, dst) in durations {
             if let Some(v) = src {

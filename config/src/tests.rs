@@ -1507,3 +1507,38 @@ fn settings_list_values_defaults_and_what_is_live() {
     );
     assert!(s.iter().all(|x| !x.value.contains("0123456789abcdef")));
 }
+
+#[test]
+fn client_timeouts_and_server_lifetime() {
+    let c = Config::default();
+    assert_eq!(c.client_idle_timeout, Duration::ZERO);
+    assert_eq!(c.idle_transaction_timeout, Duration::ZERO);
+    assert_eq!(c.server_lifetime, Duration::from_secs(3600));
+    let (_f, r) = load_file(&format!(
+        "client_idle_timeout = \"5m\"\nidle_transaction_timeout = 30\nserver_lifetime = \"0\"\n{DB}"
+    ));
+    let c = r.unwrap();
+    assert_eq!(c.client_idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.idle_transaction_timeout, Duration::from_secs(30));
+    assert_eq!(c.server_lifetime, Duration::ZERO);
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@h/app"),
+            ("PGMUX_IDLE_TRANSACTION_TIMEOUT", "soon"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "idle_transaction_timeout");
+    assert_eq!(
+        e.origin,
+        Origin::Env("PGMUX_IDLE_TRANSACTION_TIMEOUT".into())
+    );
+    let live = c
+        .with_changes(&[("server_lifetime".to_string(), "30m".to_string())])
+        .unwrap();
+    assert_eq!(live.server_lifetime, Duration::from_secs(1800));
+    let get = |k: &str| c.settings().into_iter().find(|s| s.key == k).unwrap();
+    assert_eq!(get("server_lifetime").default, "1h");
+    assert!(get("client_idle_timeout").changeable);
+}

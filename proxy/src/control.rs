@@ -276,6 +276,7 @@ impl Shared {
             let max = max.unwrap_or_else(|| cfg.pool_size_for(&p.database, &p.user));
             p.set_max_size(max);
             p.set_min_size(min.unwrap_or(cfg.min_pool_size));
+            p.set_lifetime(cfg.server_lifetime);
         }
     }
 

@@ -126,6 +126,7 @@ impl Shared {
         PoolSettings {
             max_size: cfg.pool_size_for(db, user),
             min_size: cfg.min_pool_size,
+            lifetime: cfg.server_lifetime,
             connect_timeout: cfg.server_connect_timeout,
             histograms: self.metrics.pool_histograms(db, user, role),
             paused: self
@@ -334,11 +335,9 @@ async fn maintenance(shared: Arc<Shared>) {
         shared.metrics.run_upkeep();
         let idle_timeout = shared.config.load().server_idle_timeout;
         for p in shared.all_pools() {
-            if !idle_timeout.is_zero() {
-                let n = p.reap_idle(idle_timeout);
-                if n > 0 {
-                    tracing::debug!(db = %p.database, user = %p.user, closed = n, reason = "idle_timeout", "closed idle servers");
-                }
+            let n = p.reap_idle(idle_timeout);
+            if n > 0 {
+                tracing::debug!(db = %p.database, user = %p.user, closed = n, "closed idle servers (idle_timeout, lifetime)");
             }
             p.fill_to_min();
         }

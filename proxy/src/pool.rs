@@ -54,6 +54,8 @@ enum Handoff {
 pub enum CloseReason {
     /// Idle longer than server_idle_timeout.
     IdleTimeout,
+    /// Older than server_lifetime.
+    Lifetime,
     /// Above a lowered pool_size.
     PoolShrunk,
     /// Came back in an unknown protocol state, or failed under a client.
@@ -75,8 +77,9 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::IdleTimeout,
+        CloseReason::Lifetime,
         CloseReason::PoolShrunk,
         CloseReason::ServerError,
         CloseReason::KilledByServer,
@@ -91,6 +94,7 @@ impl CloseReason {
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Lifetime => "lifetime",
             CloseReason::PoolShrunk => "pool_shrunk",
             CloseReason::ServerError => "server_error",
             CloseReason::KilledByServer => "killed_by_server",
@@ -182,6 +186,8 @@ pub struct Pool {
     password: Option<Secret>,
     max_size: AtomicUsize,
     min_size: AtomicUsize,
+    /// server_lifetime in milliseconds; 0: never.
+    lifetime_ms: AtomicU64,
     /// Limits set live for this pool (PATCH /api/v1/pools): (pool_size, min_pool_size).
     /// They win over the configuration until a reload.
     pub overrides: Mutex<(Option<usize>, Option<usize>)>,
@@ -223,6 +229,7 @@ pub struct PoolCounts {
 pub struct PoolSettings {
     pub max_size: usize,
     pub min_size: usize,
+    pub lifetime: Duration,
     pub connect_timeout: Duration,
     pub histograms: PoolHistograms,
     pub paused: bool,
@@ -246,6 +253,7 @@ impl Pool {
             password,
             max_size: AtomicUsize::new(max),
             min_size: AtomicUsize::new(settings.min_size.min(max)),
+            lifetime_ms: AtomicU64::new(settings.lifetime.as_millis() as u64),
             overrides: Mutex::new((None, None)),
             generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
@@ -439,10 +447,32 @@ impl Pool {
         g.total -= 1;
     }
 
+    /// Whether `server` has outlived server_lifetime. Each server gets its own limit,
+    /// up to 10% shorter (from its id), so servers opened together are not all closed
+    /// together.
+    fn too_old(&self, server: &Server) -> bool {
+        let ms = self.lifetime_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return false;
+        }
+        let spread = (server.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as f64 / 1024.0;
+        let limit = Duration::from_millis(ms).mul_f64(1.0 - 0.1 * spread);
+        server.created.elapsed() >= limit
+    }
+
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.lifetime_ms
+            .store(lifetime.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Returns a clean server: to the first live waiter, else onto the idle stack.
     fn checkin(&self, mut server: Box<Server>) {
         if server.generation < self.generation.load(Ordering::Relaxed) {
             self.close(server, CloseReason::Reconnect);
+            return;
+        }
+        if self.too_old(&server) {
+            self.close(server, CloseReason::Lifetime);
             return;
         }
         server.last_used = Instant::now();
@@ -601,7 +631,8 @@ impl Pool {
         self.close_idle_for(reason);
     }
 
-    /// Closes idle servers unused for longer than `idle_timeout`, keeping min_pool_size.
+    /// Closes idle servers unused for longer than `idle_timeout` (0: never), keeping
+    /// min_pool_size, and idle servers older than server_lifetime.
     pub fn reap_idle(&self, idle_timeout: Duration) -> usize {
         let now = Instant::now();
         let keep_min = self.min_size.load(Ordering::Relaxed);
@@ -609,9 +640,15 @@ impl Pool {
         let mut old = Vec::new();
         // The idle stack is LIFO: the oldest are at the bottom.
         let mut i = 0;
-        while i < g.idle.len() && g.total - old.len() > keep_min {
-            if now.duration_since(g.idle[i].last_used) >= idle_timeout {
-                old.push(g.idle.remove(i));
+        while i < g.idle.len() {
+            let idle_long = !idle_timeout.is_zero()
+                && now.duration_since(g.idle[i].last_used) >= idle_timeout
+                && g.total - old.len() > keep_min;
+            if idle_long {
+                old.push((g.idle.remove(i), CloseReason::IdleTimeout));
+            } else if self.too_old(&g.idle[i]) {
+                // Replaced by fill_to_min when min_pool_size wants it.
+                old.push((g.idle.remove(i), CloseReason::Lifetime));
             } else {
                 i += 1;
             }
@@ -619,8 +656,8 @@ impl Pool {
         g.total -= old.len();
         drop(g);
         let n = old.len();
-        for s in old {
-            self.retire(s, CloseReason::IdleTimeout);
+        for (s, reason) in old {
+            self.retire(s, reason);
         }
         n
     }

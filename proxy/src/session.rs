@@ -64,10 +64,14 @@ pub enum DisconnectReason {
     CancelRequest,
     /// KILL from the admin surface.
     Killed,
+    /// Idle between transactions longer than client_idle_timeout.
+    ClientIdleTimeout,
+    /// Idle inside a transaction longer than idle_transaction_timeout.
+    IdleTransactionTimeout,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 14] = [
         DisconnectReason::ClientTerminate,
         DisconnectReason::ClientClosed,
         DisconnectReason::ClientProtocolError,
@@ -80,6 +84,8 @@ impl DisconnectReason {
         DisconnectReason::Shutdown,
         DisconnectReason::CancelRequest,
         DisconnectReason::Killed,
+        DisconnectReason::ClientIdleTimeout,
+        DisconnectReason::IdleTransactionTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +102,8 @@ impl DisconnectReason {
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::CancelRequest => "cancel_request",
             DisconnectReason::Killed => "killed",
+            DisconnectReason::ClientIdleTimeout => "client_idle_timeout",
+            DisconnectReason::IdleTransactionTimeout => "idle_transaction_timeout",
         }
     }
 }
@@ -805,6 +813,14 @@ struct Session<'a> {
     entry: &'a ClientEntry,
 }
 
+/// Resolves when `timer` fires; never without one.
+async fn expired(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What one link moved, added to the pool's totals when it ends.
 #[derive(Default)]
 struct LinkCounters {
@@ -859,6 +875,10 @@ impl Session<'_> {
                 if self.client.flush().await.is_err() {
                     return DisconnectReason::ClientClosed;
                 }
+                // Boxed and only when configured: an idle client's task stays small.
+                let idle_timeout = self.shared.config.load().client_idle_timeout;
+                let mut idle_timer =
+                    (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
                 tokio::select! {
                     biased;
                     _ = self.shared.shutdown.cancelled() => {
@@ -868,6 +888,10 @@ impl Session<'_> {
                     _ = self.entry.killed() => {
                         self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
                         return DisconnectReason::Killed;
+                    }
+                    _ = expired(&mut idle_timer) => {
+                        self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
+                        return DisconnectReason::ClientIdleTimeout;
                     }
                     r = self.client.read_more() => match r {
                         Ok(0) | Err(_) => return DisconnectReason::ClientClosed,
@@ -1136,6 +1160,10 @@ impl Session<'_> {
         let histograms = &pool.histograms;
         // KILL ends the client in the middle of a transaction too.
         let entry = self.entry;
+        let idle_tx_timeout = self.shared.config.load().idle_transaction_timeout;
+        // Armed while the client sits idle inside a transaction (only when configured).
+        let mut idle_tx_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut was_idle_in_tx = false;
         let client = &mut self.client;
         let params = &mut self.params;
         let statements = &mut self.statements;
@@ -1224,12 +1252,28 @@ impl Session<'_> {
                     return LinkEnd::Released;
                 }
             }
+            let idle_in_tx = !idle_tx_timeout.is_zero()
+                && to_server.is_empty()
+                && server.expect.is_empty()
+                && !server.unsynced
+                && server.status != b'I'
+                && server.buf.is_empty()
+                && client.rbuf.is_empty();
+            if idle_in_tx && !was_idle_in_tx {
+                let at = tokio::time::Instant::now() + idle_tx_timeout;
+                match idle_tx_timer.as_mut() {
+                    Some(t) => t.as_mut().reset(at),
+                    None => idle_tx_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+            was_idle_in_tx = idle_in_tx;
             enum Ev {
                 ClientRead(std::io::Result<usize>),
                 ServerRead(std::io::Result<usize>),
                 ServerWrite(std::io::Result<usize>),
                 ClientWrite(std::io::Result<usize>),
                 Killed,
+                IdleInTransaction,
             }
             let ev = {
                 let cs = &client.stream;
@@ -1247,6 +1291,7 @@ impl Session<'_> {
                     r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
                     r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
                     _ = entry.killed() => Ev::Killed,
+                    _ = expired(&mut idle_tx_timer), if idle_in_tx => Ev::IdleInTransaction,
                 }
             };
             match ev {
@@ -1315,6 +1360,17 @@ impl Session<'_> {
                     }
                 }
                 Ev::ClientWrite(Err(_)) => return LinkEnd::Ended(DisconnectReason::ClientClosed),
+                Ev::IdleInTransaction => {
+                    // The pool rolls the transaction back and reuses the server.
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                            "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+                        )
+                        .await;
+                    return LinkEnd::Ended(DisconnectReason::IdleTransactionTimeout);
+                }
                 Ev::Killed => {
                     // The pool cancels a running query and closes the server (KILL bumped
                     // its generation); half a message sent means the stream is unusable.

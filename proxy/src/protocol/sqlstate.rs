@@ -13,3 +13,5 @@ pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const QUERY_CANCELED: &str = "57014";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";

@@ -1,0 +1,183 @@
+//! Client timeouts and server lifetime (issue 7, first part), against real PostgreSQL:
+//! each timeout fires with the error a PostgreSQL client expects, and what it leaves
+//! behind (the server, the transaction) is checked on the server itself.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{RawConn, TestDb};
+
+/// Reads messages until an ErrorResponse arrives (or the connection closes); returns its
+/// fields.
+fn wait_error(raw: &mut RawConn) -> std::collections::BTreeMap<char, String> {
+    loop {
+        match raw.read_message() {
+            Some((b'E', body)) => return RawConn::error_fields(&body),
+            Some(_) => continue,
+            None => panic!("connection closed without an ErrorResponse"),
+        }
+    }
+}
+
+fn first_value(msgs: &[support::Message]) -> String {
+    for (tag, body) in msgs {
+        if *tag == b'D' {
+            let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+            return String::from_utf8_lossy(&body[6..6 + len]).into_owned();
+        }
+    }
+    panic!("no DataRow in {}", support::describe(msgs));
+}
+
+#[test]
+fn client_idle_timeout_closes_idle_clients_with_57p05() {
+    let db = TestDb::new("to_idle");
+    let px = db.pgmux_env(&[], &[("PGMUX_CLIENT_IDLE_TIMEOUT", "1s")]);
+    let mut raw = db.raw(&px);
+    let msgs = raw.simple_query("SELECT 1");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+    let started = Instant::now();
+    let fields = wait_error(&mut raw);
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("57P05"),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get(&'S').map(String::as_str),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    assert!(
+        fields[&'M'].contains("client_idle_timeout"),
+        "the message names the setting: {fields:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert!(raw.is_closed(), "the connection is closed after the FATAL");
+
+    // A client that keeps working is not affected: one query every 300 ms for 2 s.
+    let mut busy = db.raw(&px);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let msgs = busy.simple_query("SELECT 1");
+        assert!(
+            msgs.iter().all(|(t, _)| *t != b'E'),
+            "{}",
+            support::describe(&msgs)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn idle_transaction_timeout_rolls_back_and_frees_the_server() {
+    let db = TestDb::new("to_idletx");
+    db.setup("CREATE TABLE t (v int)");
+    let px = db.pgmux_env(
+        &["--pool-size", "1"],
+        &[("PGMUX_IDLE_TRANSACTION_TIMEOUT", "1s")],
+    );
+    let mut raw = db.raw(&px);
+    let msgs = raw.simple_query("BEGIN; INSERT INTO t VALUES (1)");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+    let fields = wait_error(&mut raw);
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("25P03"),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get(&'S').map(String::as_str),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    assert!(raw.is_closed());
+
+    // The only server of the pool comes back (rolled back) for the next client.
+    let mut next = db.raw(&px);
+    let msgs = next.simple_query("SELECT count(*) FROM t");
+    assert_eq!(
+        first_value(&msgs),
+        "0",
+        "the abandoned INSERT was rolled back"
+    );
+    let state = db.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'idle in transaction'",
+        db.user
+    ));
+    assert_eq!(state.trim(), "0", "no backend left idle in transaction");
+
+    // Within the limit, a transaction is left alone.
+    let msgs = next.simple_query("BEGIN");
+    assert!(msgs.iter().all(|(t, _)| *t != b'E'));
+    std::thread::sleep(Duration::from_millis(400));
+    let msgs = next.simple_query("INSERT INTO t VALUES (2); COMMIT");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+}
+
+#[test]
+fn server_lifetime_recycles_old_servers_at_release() {
+    let db = TestDb::new("to_life");
+    let px = db.pgmux_env(&["--pool-size", "1"], &[("PGMUX_SERVER_LIFETIME", "2s")]);
+    let mut raw = db.raw(&px);
+    let pid = |raw: &mut RawConn| first_value(&raw.simple_query("SELECT pg_backend_pid()"));
+    let first = pid(&mut raw);
+    assert_eq!(pid(&mut raw), first, "a young server is reused");
+    // A transaction that outlives the lifetime is not cut: the server goes after it.
+    let msgs = raw.simple_query("BEGIN; SELECT pg_sleep(2.2)");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+    let inside = pid(&mut raw);
+    assert_eq!(inside, first, "same server for the whole transaction");
+    let msgs = raw.simple_query("COMMIT");
+    assert!(msgs.iter().all(|(t, _)| *t != b'E'));
+    let after = pid(&mut raw);
+    assert_ne!(
+        after, first,
+        "the old server was closed at release and replaced"
+    );
+
+    // Idle servers past their lifetime are closed by the maintenance task too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND pid = {after}",
+            db.user
+        ));
+        if n.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle server {after} outlived its lifetime"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let body = ureq::get(&format!("{}/api/v1/stats", px.admin_url()))
+        .call()
+        .expect("GET /api/v1/stats")
+        .body_mut()
+        .read_to_string()
+        .expect("body");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        stats["server_closes"]["lifetime"].as_u64().unwrap_or(0) >= 2,
+        "closes counted with reason lifetime: {stats}"
+    );
+}
