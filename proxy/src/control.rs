@@ -308,7 +308,7 @@ impl Shared {
             database: p.database.clone(),
             user: p.user.clone(),
             role: p.role,
-            server: display_addr(p.addr()),
+            server: display_addr(&p.addr()),
             pool_mode: "transaction",
             paused: c.paused,
             limits: PoolLimits {
@@ -441,7 +441,10 @@ impl Control for Shared {
                     database: p.database.clone(),
                     user: p.user.clone(),
                     role: p.role,
-                    addr: format!("{}:{}", p.addr().host, p.addr().port),
+                    addr: {
+                        let a = p.addr();
+                        format!("{}:{}", a.host, a.port)
+                    },
                     state: if client != 0 { "active" } else { "idle" },
                     connect_time: e.opened_unix,
                     age_ms: age.as_millis() as u64,
@@ -735,6 +738,16 @@ impl Control for Shared {
         // The file and environment are the truth again: live per-pool limits go.
         for p in self.all_pools() {
             *p.overrides.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
+        }
+        // A primary that moved, or a changed password: that pool's servers are replaced.
+        for p in self.pools.iter() {
+            let p = p.value();
+            if let Some(db) = new.databases.get(&p.database) {
+                let password = new.users.get(&p.user).and_then(|u| u.password.as_ref());
+                if p.update_target(&db.primary, password) {
+                    tracing::info!(db = %p.database, user = %p.user, "reload: server address or password changed; recycling the pool's servers");
+                }
+            }
         }
         self.apply_limits(&new);
         self.config.store(Arc::new(new));

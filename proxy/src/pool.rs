@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use pgmux_admin::metrics::PoolHistograms;
 use pgmux_admin::Role;
@@ -66,8 +66,10 @@ pub enum CloseReason {
     ClientGone,
     /// The ROLLBACK of an abandoned transaction failed.
     RollbackFailed,
-    /// RECONNECT / reload recycled it.
+    /// RECONNECT recycled it.
     Reconnect,
+    /// A reload changed its pool's server address or password.
+    Reload,
     /// KILL closed it.
     Killed,
     /// PAUSE closed it after the pool went quiet.
@@ -77,7 +79,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::IdleTimeout,
         CloseReason::Lifetime,
         CloseReason::PoolShrunk,
@@ -86,6 +88,7 @@ impl CloseReason {
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::Reconnect,
+        CloseReason::Reload,
         CloseReason::Killed,
         CloseReason::Paused,
         CloseReason::Shutdown,
@@ -101,6 +104,7 @@ impl CloseReason {
             CloseReason::ClientGone => "client_gone",
             CloseReason::RollbackFailed => "rollback_failed",
             CloseReason::Reconnect => "reconnect",
+            CloseReason::Reload => "reload",
             CloseReason::Killed => "killed",
             CloseReason::Paused => "paused",
             CloseReason::Shutdown => "shutdown",
@@ -182,8 +186,10 @@ pub struct Pool {
     pub database: String,
     pub user: String,
     pub role: Role,
-    addr: Arc<ServerAddr>,
-    password: Option<Secret>,
+    /// Where and as whom servers log in; a reload may change them (the generation is
+    /// bumped so the servers opened with the old ones are replaced).
+    addr: ArcSwap<ServerAddr>,
+    password: ArcSwapOption<Secret>,
     max_size: AtomicUsize,
     min_size: AtomicUsize,
     /// server_lifetime in milliseconds; 0: never.
@@ -249,8 +255,8 @@ impl Pool {
             database,
             user,
             role,
-            addr: Arc::new(addr),
-            password,
+            addr: ArcSwap::from_pointee(addr),
+            password: ArcSwapOption::new(password.map(Arc::new)),
             max_size: AtomicUsize::new(max),
             min_size: AtomicUsize::new(settings.min_size.min(max)),
             lifetime_ms: AtomicU64::new(settings.lifetime.as_millis() as u64),
@@ -297,8 +303,23 @@ impl Pool {
         }
     }
 
-    pub fn addr(&self) -> &Arc<ServerAddr> {
-        &self.addr
+    pub fn addr(&self) -> Arc<ServerAddr> {
+        self.addr.load_full()
+    }
+
+    /// A reload changed the server address or the password: servers opened with the old
+    /// ones are closed (idle ones now, busy ones when their transaction ends) and new ones
+    /// log in with the new. Returns whether anything changed.
+    pub fn update_target(&self, addr: &ServerAddr, password: Option<&Secret>) -> bool {
+        let same_addr = *self.addr.load_full() == *addr;
+        let same_password = self.password.load_full().as_deref() == password;
+        if same_addr && same_password {
+            return false;
+        }
+        self.addr.store(Arc::new(addr.clone()));
+        self.password.store(password.cloned().map(Arc::new));
+        self.reconnect(CloseReason::Reload);
+        true
     }
 
     /// Server parameters for a client's login burst, if a server has logged in already.
@@ -393,13 +414,9 @@ impl Pool {
     async fn open(self: &Arc<Self>) -> Result<Server, PoolError> {
         let generation = self.generation.load(Ordering::Relaxed);
         self.connecting.fetch_add(1, Ordering::Relaxed);
-        let r = Server::connect(
-            &self.addr,
-            &self.user,
-            self.password.as_ref(),
-            self.connect_timeout,
-        )
-        .await;
+        let addr = self.addr.load_full();
+        let password = self.password.load_full();
+        let r = Server::connect(&addr, &self.user, password.as_deref(), self.connect_timeout).await;
         self.connecting.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(mut s) => {
