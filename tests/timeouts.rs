@@ -181,3 +181,63 @@ fn server_lifetime_recycles_old_servers_at_release() {
         "closes counted with reason lifetime: {stats}"
     );
 }
+
+#[test]
+fn clients_wait_through_a_primary_restart() {
+    let db = TestDb::new("to_restart");
+    let px = db.pgmux_env(
+        &["--pool-size", "2"],
+        &[
+            ("PGMUX_SERVER_LOGIN_RETRY", "200ms"),
+            ("PGMUX_QUERY_WAIT_TIMEOUT", "30s"),
+        ],
+    );
+    // Without retries, the same outage is an immediate error.
+    let px_no_retry = db.pgmux_env(&[], &[("PGMUX_SERVER_LOGIN_RETRY", "0")]);
+    let mut before = db.raw(&px);
+    assert_eq!(first_value(&before.simple_query("SELECT 1")), "1");
+    let mut no_retry = db.raw(&px_no_retry);
+    assert_eq!(first_value(&no_retry.simple_query("SELECT 1")), "1");
+
+    let node = db.cluster.primary();
+    node.stop();
+    let started = Instant::now();
+    let (user, password, name, port) = (
+        db.user.clone(),
+        db.password.clone(),
+        db.db.clone(),
+        px.port(),
+    );
+    let waiting = std::thread::spawn(move || {
+        // Logs in from the parameters pgmux already knows; the query waits for a server.
+        let mut c = RawConn::login(port, &user, &password, &name);
+        let msgs = c.simple_query("SELECT 42");
+        (msgs, Instant::now())
+    });
+
+    let mut failing = db.raw(&px_no_retry);
+    failing.send(&RawConn::query_message("SELECT 1"));
+    let mut msgs = Vec::new();
+    while let Some(m) = failing.read_message() {
+        let done = m.0 == b'Z';
+        msgs.push(m);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        msgs.iter().any(|(t, _)| *t == b'E'),
+        "server_login_retry = 0: an error at once, got {}",
+        support::describe(&msgs)
+    );
+
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!waiting.is_finished(), "the query waited for the server");
+    node.start();
+    let (msgs, done) = waiting.join().expect("client thread");
+    assert_eq!(first_value(&msgs), "42", "{}", support::describe(&msgs));
+    assert!(done - started >= Duration::from_millis(1500));
+    // The client connected before the outage had an idle server that died with it: its
+    // next transaction gets a new one without an error.
+    assert_eq!(first_value(&before.simple_query("SELECT 7")), "7");
+}

@@ -115,6 +115,10 @@ pub struct Config {
     /// jitter, so connections opened together do not all go together); default 1h,
     /// 0 = never.
     pub server_lifetime: Duration,
+    /// While a server cannot be reached (connection refused, timed out, "starting up"),
+    /// a client's checkout tries again after this long, until its `query_wait_timeout`;
+    /// default 1s, 0 = fail at once.
+    pub server_login_retry: Duration,
     /// Default 64 MiB; `1024 ..= 1 GiB`.
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
@@ -491,6 +495,7 @@ impl Default for Config {
             client_idle_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             server_lifetime: Duration::from_secs(3600),
+            server_login_retry: Duration::from_secs(1),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
@@ -587,6 +592,7 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_CLIENT_IDLE_TIMEOUT", "client_idle_timeout"),
     ("PGMUX_IDLE_TRANSACTION_TIMEOUT", "idle_transaction_timeout"),
     ("PGMUX_SERVER_LIFETIME", "server_lifetime"),
+    ("PGMUX_SERVER_LOGIN_RETRY", "server_login_retry"),
     ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
     ("PGMUX_WORKERS", "workers"),
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),

@@ -78,6 +78,7 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
             duration(c.idle_transaction_timeout),
         ),
         ("server_lifetime", duration(c.server_lifetime)),
+        ("server_login_retry", duration(c.server_login_retry)),
         ("max_message_size", size(c.max_message_size)),
         ("workers", int(c.workers)),
         ("max_prepared_statements", int(c.max_prepared_statements)),

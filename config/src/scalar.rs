@@ -91,6 +91,7 @@ pub(crate) struct Scalars {
     client_idle_timeout: Option<Sourced<Duration>>,
     idle_transaction_timeout: Option<Sourced<Duration>>,
     server_lifetime: Option<Sourced<Duration>>,
+    server_login_retry: Option<Sourced<Duration>>,
     max_message_size: Option<Sourced<usize>>,
     workers: Option<Sourced<usize>>,
     max_prepared_statements: Option<Sourced<usize>>,
@@ -121,6 +122,7 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "client_idle_timeout",
     "idle_transaction_timeout",
     "server_lifetime",
+    "server_login_retry",
     "max_message_size",
     "workers",
     "max_prepared_statements",
@@ -150,6 +152,7 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "client_idle_timeout",
     "idle_transaction_timeout",
     "server_lifetime",
+    "server_login_retry",
     "read_your_writes",
     "max_replica_lag",
 ];
@@ -227,6 +230,7 @@ impl Scalars {
             | "client_idle_timeout"
             | "idle_transaction_timeout"
             | "server_lifetime"
+            | "server_login_retry"
             | "max_replica_lag"
             | "replica_check_interval" => {
                 let d = Some(Sourced::new(
@@ -244,6 +248,7 @@ impl Scalars {
                     "client_idle_timeout" => self.client_idle_timeout = d,
                     "idle_transaction_timeout" => self.idle_transaction_timeout = d,
                     "server_lifetime" => self.server_lifetime = d,
+                    "server_login_retry" => self.server_login_retry = d,
                     _ => self.server_idle_timeout = d,
                 }
             }
@@ -291,6 +296,7 @@ impl Scalars {
                 &mut c.idle_transaction_timeout,
             ),
             (self.server_lifetime, &mut c.server_lifetime),
+            (self.server_login_retry, &mut c.server_login_retry),
         ];
         for (src, dst) in durations {
             if let Some(v) = src {

@@ -1514,6 +1514,7 @@ fn client_timeouts_and_server_lifetime() {
     assert_eq!(c.client_idle_timeout, Duration::ZERO);
     assert_eq!(c.idle_transaction_timeout, Duration::ZERO);
     assert_eq!(c.server_lifetime, Duration::from_secs(3600));
+    assert_eq!(c.server_login_retry, Duration::from_secs(1));
     let (_f, r) = load_file(&format!(
         "client_idle_timeout = \"5m\"\nidle_transaction_timeout = 30\nserver_lifetime = \"0\"\n{DB}"
     ));

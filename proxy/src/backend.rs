@@ -148,6 +148,22 @@ pub enum BackendError {
     Eof { addr: String },
 }
 
+impl BackendError {
+    /// The server may accept a login soon: it is down, restarting, starting up, full or
+    /// shutting down. Wrong credentials, a missing database or a protocol problem are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Connect { .. }
+            | BackendError::ConnectTimeout(_)
+            | BackendError::Eof { .. } => true,
+            BackendError::Server { fields, .. } => {
+                matches!(fields.code(), "57P03" | "53300" | "57P01" | "57P02")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Where and how to cancel what a server is running.
 #[derive(Clone)]
 pub struct CancelTarget {

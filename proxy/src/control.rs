@@ -277,6 +277,9 @@ impl Shared {
             p.set_max_size(max);
             p.set_min_size(min.unwrap_or(cfg.min_pool_size));
             p.set_lifetime(cfg.server_lifetime);
+            if p.role == Role::Primary {
+                p.set_login_retry(cfg.server_login_retry);
+            }
         }
     }
 

@@ -127,6 +127,11 @@ impl Shared {
             max_size: cfg.pool_size_for(db, user),
             min_size: cfg.min_pool_size,
             lifetime: cfg.server_lifetime,
+            // A replica that cannot be reached is left for the primary at once.
+            login_retry: match role {
+                Role::Primary => cfg.server_login_retry,
+                Role::Replica => Duration::ZERO,
+            },
             connect_timeout: cfg.server_connect_timeout,
             histograms: self.metrics.pool_histograms(db, user, role),
             paused: self

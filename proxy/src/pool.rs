@@ -194,6 +194,8 @@ pub struct Pool {
     min_size: AtomicUsize,
     /// server_lifetime in milliseconds; 0: never.
     lifetime_ms: AtomicU64,
+    /// server_login_retry in milliseconds; 0: a failed connect fails the checkout.
+    login_retry_ms: AtomicU64,
     /// Limits set live for this pool (PATCH /api/v1/pools): (pool_size, min_pool_size).
     /// They win over the configuration until a reload.
     pub overrides: Mutex<(Option<usize>, Option<usize>)>,
@@ -236,6 +238,7 @@ pub struct PoolSettings {
     pub max_size: usize,
     pub min_size: usize,
     pub lifetime: Duration,
+    pub login_retry: Duration,
     pub connect_timeout: Duration,
     pub histograms: PoolHistograms,
     pub paused: bool,
@@ -260,6 +263,7 @@ impl Pool {
             max_size: AtomicUsize::new(max),
             min_size: AtomicUsize::new(settings.min_size.min(max)),
             lifetime_ms: AtomicU64::new(settings.lifetime.as_millis() as u64),
+            login_retry_ms: AtomicU64::new(settings.login_retry.as_millis() as u64),
             overrides: Mutex::new((None, None)),
             generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
@@ -385,9 +389,25 @@ impl Pool {
                     // Boxed: connect + login is a large future, needed only when a
                     // connection is opened; inline it would size every waiting (and so
                     // every idle) client's task for it.
-                    let s = Box::new(Box::pin(self.open()).await?);
-                    self.record_wait(start);
-                    return Ok(PooledServer::new(self.clone(), s));
+                    match Box::pin(self.open()).await {
+                        Ok(s) => {
+                            self.record_wait(start);
+                            return Ok(PooledServer::new(self.clone(), Box::new(s)));
+                        }
+                        Err(PoolError::Connect(e)) if e.is_transient() => {
+                            // The server is down or restarting: wait and try again, as
+                            // long as this client may wait (server_login_retry).
+                            let retry =
+                                Duration::from_millis(self.login_retry_ms.load(Ordering::Relaxed));
+                            let now = tokio::time::Instant::now();
+                            if retry.is_zero() || now + retry >= deadline {
+                                return Err(PoolError::Connect(e));
+                            }
+                            tracing::warn!(db = %self.database, user = %self.user, error = %e, retry_in = ?retry, "server unavailable; retrying");
+                            tokio::time::sleep(retry).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -475,6 +495,11 @@ impl Pool {
         let spread = (server.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as f64 / 1024.0;
         let limit = Duration::from_millis(ms).mul_f64(1.0 - 0.1 * spread);
         server.created.elapsed() >= limit
+    }
+
+    pub fn set_login_retry(&self, retry: Duration) {
+        self.login_retry_ms
+            .store(retry.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn set_lifetime(&self, lifetime: Duration) {
