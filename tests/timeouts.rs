@@ -1,6 +1,8 @@
-//! Client timeouts and server lifetime (issue 7, first part), against real PostgreSQL:
-//! each timeout fires with the error a PostgreSQL client expects, and what it leaves
-//! behind (the server, the transaction) is checked on the server itself.
+//! Timeouts, server lifetime, outages and the drain (issue 7, first part), against real
+//! PostgreSQL: each timeout fires with the error a PostgreSQL client expects, clients
+//! wait through a primary restart, SIGTERM treats idle, waiting and in-transaction
+//! clients as documented; what is left behind (servers, transactions, rows) is checked
+//! on the server itself.
 
 mod support;
 
@@ -240,4 +242,75 @@ fn clients_wait_through_a_primary_restart() {
     // The client connected before the outage had an idle server that died with it: its
     // next transaction gets a new one without an error.
     assert_eq!(first_value(&before.simple_query("SELECT 7")), "7");
+}
+
+/// Reads until an ErrorResponse or the end of the connection; returns the error's
+/// SQLSTATE, if one came.
+fn goodbye(raw: &mut RawConn) -> Option<String> {
+    while let Some((tag, body)) = raw.read_message() {
+        if tag == b'E' {
+            return RawConn::error_fields(&body).get(&'C').cloned();
+        }
+    }
+    None
+}
+
+#[test]
+fn sigterm_drains_idle_waiting_and_in_transaction_clients() {
+    let db = TestDb::new("to_drain");
+    db.setup("CREATE TABLE t (v int)");
+    let mut px = db.pgmux_env(&["--pool-size", "1"], &[("PGMUX_SHUTDOWN_TIMEOUT", "20s")]);
+    let mut idle = db.raw(&px);
+    assert_eq!(first_value(&idle.simple_query("SELECT 1")), "1");
+    let mut in_tx = db.raw(&px);
+    let msgs = in_tx.simple_query("BEGIN; INSERT INTO t VALUES (1)");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+    // The only server is taken: this query waits for it.
+    let mut waiting = db.raw(&px);
+    waiting.send(&RawConn::query_message("INSERT INTO t VALUES (2)"));
+    std::thread::sleep(Duration::from_millis(300));
+
+    px.signal(15);
+    assert_eq!(goodbye(&mut idle).as_deref(), Some("57P01"), "idle client");
+    assert_eq!(
+        goodbye(&mut waiting).as_deref(),
+        Some("57P01"),
+        "waiting client"
+    );
+    // New connections are refused while the transaction finishes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", px.port())).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "pgmux still accepts during the drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The transaction in progress may finish, then the client is told at the boundary.
+    let msgs = in_tx.simple_query("INSERT INTO t VALUES (3); COMMIT");
+    assert!(
+        msgs.iter().all(|(t, _)| *t != b'E'),
+        "{}",
+        support::describe(&msgs)
+    );
+    assert_eq!(
+        goodbye(&mut in_tx).as_deref(),
+        Some("57P01"),
+        "after its commit"
+    );
+    let status = px.wait_exit(Duration::from_secs(15)).expect("pgmux exits");
+    assert!(status.success(), "exit status {status:?}");
+
+    // What committed is there; what never ran is not.
+    let rows = db.psql("SELECT string_agg(v::text, ',' ORDER BY v) FROM t");
+    assert_eq!(rows.trim(), "1,3");
+    assert_eq!(
+        db.cluster.primary().backend_count(&db.user),
+        0,
+        "servers closed"
+    );
 }

@@ -922,6 +922,12 @@ impl Session<'_> {
             self.entry.waiting();
             let checkout = tokio::select! {
                 biased;
+                // A client still waiting for a server when the drain starts has not begun
+                // its transaction: it is told, like an idle one, and nothing runs.
+                _ = self.shared.shutdown.cancelled() => {
+                    self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
+                    return DisconnectReason::Shutdown;
+                }
                 _ = self.entry.killed() => {
                     self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
                     return DisconnectReason::Killed;
