@@ -6,17 +6,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{percent_encode, Pgmux, RawConn, TestDb};
-
-fn first_value(msgs: &[support::Message]) -> String {
-    for (tag, body) in msgs {
-        if *tag == b'D' {
-            let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
-            return String::from_utf8_lossy(&body[6..6 + len]).into_owned();
-        }
-    }
-    panic!("no DataRow in {}", support::describe(msgs));
-}
+use support::{first_value, percent_encode, Pgmux, RawConn, TestDb};
 
 fn write(path: &Path, db: &TestDb, url: &str) {
     std::fs::write(

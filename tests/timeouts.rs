@@ -8,28 +8,22 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{RawConn, TestDb};
+use support::{first_value, RawConn, TestDb};
 
 /// Reads messages until an ErrorResponse arrives (or the connection closes); returns its
 /// fields.
 fn wait_error(raw: &mut RawConn) -> std::collections::BTreeMap<char, String> {
-    loop {
-        match raw.read_message() {
-            Some((b'E', body)) => return RawConn::error_fields(&body),
-            Some(_) => continue,
-            None => panic!("connection closed without an ErrorResponse"),
-        }
-    }
+    next_error(raw).expect("connection closed without an ErrorResponse")
 }
 
-fn first_value(msgs: &[support::Message]) -> String {
-    for (tag, body) in msgs {
-        if *tag == b'D' {
-            let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
-            return String::from_utf8_lossy(&body[6..6 + len]).into_owned();
+/// Reads until an ErrorResponse (its fields) or the end of the connection (None).
+fn next_error(raw: &mut RawConn) -> Option<std::collections::BTreeMap<char, String>> {
+    while let Some((tag, body)) = raw.read_message() {
+        if tag == b'E' {
+            return Some(RawConn::error_fields(&body));
         }
     }
-    panic!("no DataRow in {}", support::describe(msgs));
+    None
 }
 
 #[test]
@@ -244,15 +238,9 @@ fn clients_wait_through_a_primary_restart() {
     assert_eq!(first_value(&before.simple_query("SELECT 7")), "7");
 }
 
-/// Reads until an ErrorResponse or the end of the connection; returns the error's
-/// SQLSTATE, if one came.
+/// The SQLSTATE of the next ErrorResponse, if one comes before the connection ends.
 fn goodbye(raw: &mut RawConn) -> Option<String> {
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            return RawConn::error_fields(&body).get(&'C').cloned();
-        }
-    }
-    None
+    next_error(raw).and_then(|f| f.get(&'C').cloned())
 }
 
 #[test]

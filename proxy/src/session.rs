@@ -145,6 +145,28 @@ impl Client {
         .await;
     }
 
+    /// The drain reached this client: FATAL 57P01, then close.
+    async fn shutting_down(&mut self) -> DisconnectReason {
+        self.fail(
+            Severity::Fatal,
+            sqlstate::ADMIN_SHUTDOWN,
+            "pgmux is shutting down",
+        )
+        .await;
+        DisconnectReason::Shutdown
+    }
+
+    /// KILL reached this client: FATAL 57P01, then close.
+    async fn killed(&mut self) -> DisconnectReason {
+        self.fail(
+            Severity::Fatal,
+            sqlstate::ADMIN_SHUTDOWN,
+            "connection killed by the administrator",
+        )
+        .await;
+        DisconnectReason::Killed
+    }
+
     /// A protocol violation: FATAL 08P01 with the reason, then close.
     async fn protocol_violation(&mut self, e: &(dyn std::fmt::Display + Sync)) -> DisconnectReason {
         let text = e.to_string();
@@ -593,14 +615,8 @@ async fn console(
         }
         let frame = tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => {
-                client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
-                return DisconnectReason::Shutdown;
-            }
-            _ = entry.killed() => {
-                client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
-                return DisconnectReason::Killed;
-            }
+            _ = shared.shutdown.cancelled() => return client.shutting_down().await,
+            _ = entry.killed() => return client.killed().await,
             f = client.read_frame(MAX_CONSOLE_MESSAGE) => f,
         };
         let frame = match frame {
@@ -881,14 +897,8 @@ impl Session<'_> {
                     (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
                 tokio::select! {
                     biased;
-                    _ = self.shared.shutdown.cancelled() => {
-                        self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
-                        return DisconnectReason::Shutdown;
-                    }
-                    _ = self.entry.killed() => {
-                        self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
-                        return DisconnectReason::Killed;
-                    }
+                    _ = self.shared.shutdown.cancelled() => return self.client.shutting_down().await,
+                    _ = self.entry.killed() => return self.client.killed().await,
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
                         return DisconnectReason::ClientIdleTimeout;
@@ -924,14 +934,8 @@ impl Session<'_> {
                 biased;
                 // A client still waiting for a server when the drain starts has not begun
                 // its transaction: it is told, like an idle one, and nothing runs.
-                _ = self.shared.shutdown.cancelled() => {
-                    self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "pgmux is shutting down").await;
-                    return DisconnectReason::Shutdown;
-                }
-                _ = self.entry.killed() => {
-                    self.client.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, "connection killed by the administrator").await;
-                    return DisconnectReason::Killed;
-                }
+                _ = self.shared.shutdown.cancelled() => return self.client.shutting_down().await,
+                _ = self.entry.killed() => return self.client.killed().await,
                 r = self.checkout() => r,
             };
             let (server, choice, replay) = match checkout {
@@ -1383,14 +1387,7 @@ impl Session<'_> {
                     if !to_server.is_empty() {
                         server.dirty = true;
                     }
-                    client
-                        .fail(
-                            Severity::Fatal,
-                            sqlstate::ADMIN_SHUTDOWN,
-                            "connection killed by the administrator",
-                        )
-                        .await;
-                    return LinkEnd::Ended(DisconnectReason::Killed);
+                    return LinkEnd::Ended(client.killed().await);
                 }
             }
         }

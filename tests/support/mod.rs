@@ -1368,6 +1368,19 @@ fn is_reset(e: &io::Error) -> bool {
 }
 
 /// Short human-readable summary of messages, for panic messages.
+/// The first column of the first DataRow in `msgs`, as text; panics when there is
+/// none or it is NULL.
+pub fn first_value(msgs: &[Message]) -> String {
+    for (tag, body) in msgs {
+        if *tag == b'D' {
+            let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+            assert!(len >= 0, "NULL in {}", describe(msgs));
+            return String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned();
+        }
+    }
+    panic!("no DataRow in {}", describe(msgs));
+}
+
 pub fn describe(msgs: &[Message]) -> String {
     let parts: Vec<String> = msgs
         .iter()
