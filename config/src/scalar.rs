@@ -458,23 +458,39 @@ fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {
 
 /// An array of function names, or one comma-separated string of them.
 fn parse_function_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
+    parse_list(
+        raw,
+        "a function name",
+        "an array of function names like [\"my_audit_fn\", \"app.bump_counter\"]",
+        function_name,
+    )
+}
+
+/// A list: an array of strings, or one comma-separated string (the only form an
+/// environment variable can take). `item` checks each entry, given its 0-based index;
+/// `item_kind` and `expected` word the type errors.
+fn parse_list(
+    raw: Raw<'_>,
+    item_kind: &str,
+    expected: &str,
+    item: impl Fn((usize, &str)) -> Result<String, String>,
+) -> Result<Vec<String>, String> {
     match raw {
-        Raw::Str(s) => s.split(',').enumerate().map(function_name).collect(),
+        Raw::Str(s) => s.split(',').enumerate().map(item).collect(),
         Raw::Array(items) => items
             .iter()
             .enumerate()
-            .map(|(i, item)| match item {
-                Raw::Str(s) => function_name((i, s)),
+            .map(|(i, entry)| match entry {
+                Raw::Str(s) => item((i, s)),
                 other => Err(format!(
-                    "item #{}: expected a function name (a string), got {}",
+                    "item #{}: expected {item_kind} (a string), got {}",
                     i + 1,
                     other.describe()
                 )),
             })
             .collect(),
         other => Err(format!(
-            "expected an array of function names like [\"my_audit_fn\", \"app.bump_counter\"] \
-             or a comma-separated string, got {}",
+            "expected {expected} or a comma-separated string, got {}",
             other.describe()
         )),
     }
@@ -547,6 +563,11 @@ fn parse_bool(raw: Raw<'_>) -> Result<bool, String> {
 
 /// User names: an array, or one comma-separated string. Trimmed; none empty.
 fn parse_user_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
+    if let Raw::Str(s) = raw {
+        if s.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+    }
     let one = |(i, s): (usize, &str)| {
         let s = s.trim();
         if s.is_empty() {
@@ -555,24 +576,5 @@ fn parse_user_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
             Ok(s.to_string())
         }
     };
-    match raw {
-        Raw::Str(s) if s.trim().is_empty() => Ok(Vec::new()),
-        Raw::Str(s) => s.split(',').enumerate().map(one).collect(),
-        Raw::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Raw::Str(s) => one((i, s)),
-                other => Err(format!(
-                    "item #{}: expected a user name (a string), got {}",
-                    i + 1,
-                    other.describe()
-                )),
-            })
-            .collect(),
-        other => Err(format!(
-            "expected an array of user names or a comma-separated string, got {}",
-            other.describe()
-        )),
-    }
+    parse_list(raw, "a user name", "an array of user names", one)
 }
