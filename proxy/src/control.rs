@@ -468,12 +468,12 @@ impl Control for Shared {
 
     fn databases(&self) -> Vec<DatabaseInfo> {
         let cfg = self.config.load();
+        let pools = self.all_pools();
         let paused = self.lock_paused();
         cfg.databases
             .values()
             .map(|db| {
-                let current = self
-                    .all_pools()
+                let current = pools
                     .iter()
                     .filter(|p| p.database == db.name)
                     .map(|p| p.counts().total)
