@@ -119,6 +119,16 @@ pub struct Config {
     /// a client's checkout tries again after this long, until its `query_wait_timeout`;
     /// default 1s, 0 = fail at once.
     pub server_login_retry: Duration,
+    /// An idle server unused for longer than this is checked with a round trip (a Sync)
+    /// before a client gets it; one that does not answer within `server_connect_timeout`
+    /// is closed and another is taken. Default 30s; 0 = check every checkout.
+    pub server_check_delay: Duration,
+    /// A query (or pipeline) the server has not answered within this long is cancelled
+    /// (the client gets `57014`); if the server does not answer the cancel within 5s more
+    /// the server is closed and the client gets a FATAL `57014`. Default 0 = never.
+    pub query_timeout: Duration,
+    /// TCP keepalive on client and server sockets.
+    pub tcp: TcpSettings,
     /// Default 64 MiB; `1024 ..= 1 GiB`.
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
@@ -496,6 +506,9 @@ impl Default for Config {
             idle_transaction_timeout: Duration::ZERO,
             server_lifetime: Duration::from_secs(3600),
             server_login_retry: Duration::from_secs(1),
+            server_check_delay: Duration::from_secs(30),
+            query_timeout: Duration::ZERO,
+            tcp: TcpSettings::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
@@ -578,6 +591,34 @@ impl Config {
     }
 }
 
+/// TCP keepalive and user timeout, for client and server sockets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpSettings {
+    /// `tcp_keepalive`; default true.
+    pub keepalive: bool,
+    /// `tcp_keepidle`: idle time before the first probe; default 60s, `>= 1s`.
+    pub keepidle: Duration,
+    /// `tcp_keepintvl`: time between probes; default 10s, `>= 1s`.
+    pub keepintvl: Duration,
+    /// `tcp_keepcnt`: unanswered probes before the connection is dropped; default 6.
+    pub keepcnt: usize,
+    /// `tcp_user_timeout`: sent data unacknowledged this long drops the connection
+    /// (Linux `TCP_USER_TIMEOUT`); default 0 = the OS default.
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        TcpSettings {
+            keepalive: true,
+            keepidle: Duration::from_secs(60),
+            keepintvl: Duration::from_secs(10),
+            keepcnt: 6,
+            user_timeout: Duration::ZERO,
+        }
+    }
+}
+
 /// Environment variables for top-level scalar keys: (variable, key).
 const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_LISTEN", "listen"),
@@ -593,6 +634,13 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_IDLE_TRANSACTION_TIMEOUT", "idle_transaction_timeout"),
     ("PGMUX_SERVER_LIFETIME", "server_lifetime"),
     ("PGMUX_SERVER_LOGIN_RETRY", "server_login_retry"),
+    ("PGMUX_SERVER_CHECK_DELAY", "server_check_delay"),
+    ("PGMUX_QUERY_TIMEOUT", "query_timeout"),
+    ("PGMUX_TCP_KEEPALIVE", "tcp_keepalive"),
+    ("PGMUX_TCP_KEEPIDLE", "tcp_keepidle"),
+    ("PGMUX_TCP_KEEPINTVL", "tcp_keepintvl"),
+    ("PGMUX_TCP_KEEPCNT", "tcp_keepcnt"),
+    ("PGMUX_TCP_USER_TIMEOUT", "tcp_user_timeout"),
     ("PGMUX_MAX_MESSAGE_SIZE", "max_message_size"),
     ("PGMUX_WORKERS", "workers"),
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),

@@ -92,6 +92,13 @@ pub(crate) struct Scalars {
     idle_transaction_timeout: Option<Sourced<Duration>>,
     server_lifetime: Option<Sourced<Duration>>,
     server_login_retry: Option<Sourced<Duration>>,
+    server_check_delay: Option<Sourced<Duration>>,
+    query_timeout: Option<Sourced<Duration>>,
+    tcp_keepalive: Option<Sourced<bool>>,
+    tcp_keepidle: Option<Sourced<Duration>>,
+    tcp_keepintvl: Option<Sourced<Duration>>,
+    tcp_keepcnt: Option<Sourced<usize>>,
+    tcp_user_timeout: Option<Sourced<Duration>>,
     max_message_size: Option<Sourced<usize>>,
     workers: Option<Sourced<usize>>,
     max_prepared_statements: Option<Sourced<usize>>,
@@ -123,6 +130,13 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "idle_transaction_timeout",
     "server_lifetime",
     "server_login_retry",
+    "server_check_delay",
+    "query_timeout",
+    "tcp_keepalive",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_keepcnt",
+    "tcp_user_timeout",
     "max_message_size",
     "workers",
     "max_prepared_statements",
@@ -153,6 +167,8 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "idle_transaction_timeout",
     "server_lifetime",
     "server_login_retry",
+    "server_check_delay",
+    "query_timeout",
     "read_your_writes",
     "max_replica_lag",
 ];
@@ -205,6 +221,8 @@ impl Scalars {
                 self.write_functions = wrap(parse_function_names(raw), key, &origin)?
             }
             "min_pool_size" => self.min_pool_size = wrap(parse_usize(raw), key, &origin)?,
+            "tcp_keepalive" => self.tcp_keepalive = wrap(parse_bool(raw), key, &origin)?,
+            "tcp_keepcnt" => self.tcp_keepcnt = wrap(parse_usize(raw), key, &origin)?,
             "admin_users" => self.admin_users = wrap(parse_user_names(raw), key, &origin)?,
             "stats_users" => self.stats_users = wrap(parse_user_names(raw), key, &origin)?,
             "admin.listen" => self.admin_listen = wrap(parse_listen(raw), key, &origin)?,
@@ -231,6 +249,11 @@ impl Scalars {
             | "idle_transaction_timeout"
             | "server_lifetime"
             | "server_login_retry"
+            | "server_check_delay"
+            | "query_timeout"
+            | "tcp_keepidle"
+            | "tcp_keepintvl"
+            | "tcp_user_timeout"
             | "max_replica_lag"
             | "replica_check_interval" => {
                 let d = Some(Sourced::new(
@@ -249,6 +272,11 @@ impl Scalars {
                     "idle_transaction_timeout" => self.idle_transaction_timeout = d,
                     "server_lifetime" => self.server_lifetime = d,
                     "server_login_retry" => self.server_login_retry = d,
+                    "server_check_delay" => self.server_check_delay = d,
+                    "query_timeout" => self.query_timeout = d,
+                    "tcp_keepidle" => self.tcp_keepidle = d,
+                    "tcp_keepintvl" => self.tcp_keepintvl = d,
+                    "tcp_user_timeout" => self.tcp_user_timeout = d,
                     _ => self.server_idle_timeout = d,
                 }
             }
@@ -297,11 +325,34 @@ impl Scalars {
             ),
             (self.server_lifetime, &mut c.server_lifetime),
             (self.server_login_retry, &mut c.server_login_retry),
+            (self.server_check_delay, &mut c.server_check_delay),
+            (self.query_timeout, &mut c.query_timeout),
+            (self.tcp_user_timeout, &mut c.tcp.user_timeout),
         ];
         for (src, dst) in durations {
             if let Some(v) = src {
                 *dst = v.value;
             }
+        }
+        if let Some(v) = self.tcp_keepalive {
+            c.tcp.keepalive = v.value;
+        }
+        for (src, dst) in [
+            (self.tcp_keepidle, &mut c.tcp.keepidle),
+            (self.tcp_keepintvl, &mut c.tcp.keepintvl),
+        ] {
+            if let Some(v) = src {
+                if v.value < Duration::from_secs(1) {
+                    return Err(v.err(format!(
+                        "must be at least 1s, got {}",
+                        humantime::format_duration(v.value)
+                    )));
+                }
+                *dst = v.value;
+            }
+        }
+        if let Some(v) = self.tcp_keepcnt {
+            c.tcp.keepcnt = v.at_least_one()?;
         }
         if let Some(v) = self.max_message_size {
             if !(MIN_MAX_MESSAGE_SIZE..=MAX_MAX_MESSAGE_SIZE).contains(&v.value) {

@@ -1543,3 +1543,55 @@ fn client_timeouts_and_server_lifetime() {
     assert_eq!(get("server_lifetime").default, "1h");
     assert!(get("client_idle_timeout").changeable);
 }
+
+#[test]
+fn reaping_and_tcp_keys() {
+    let c = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", "postgres://u:p@h/d")]),
+    )
+    .unwrap();
+    assert_eq!(c.server_check_delay, Duration::from_secs(30));
+    assert_eq!(c.query_timeout, Duration::ZERO);
+    assert_eq!(c.tcp, tcp_defaults());
+
+    let (_f, r) = load_file(&format!(
+        "server_check_delay = \"0s\"\nquery_timeout = \"2s\"\ntcp_keepalive = false\n\
+         tcp_keepidle = \"30s\"\ntcp_keepintvl = \"5s\"\ntcp_keepcnt = 3\ntcp_user_timeout = \"20s\"\n{DB}"
+    ));
+    let c = r.unwrap();
+    assert_eq!(c.server_check_delay, Duration::ZERO);
+    assert_eq!(c.query_timeout, Duration::from_secs(2));
+    assert!(!c.tcp.keepalive);
+    assert_eq!(c.tcp.keepidle, Duration::from_secs(30));
+    assert_eq!(c.tcp.keepintvl, Duration::from_secs(5));
+    assert_eq!(c.tcp.keepcnt, 3);
+    assert_eq!(c.tcp.user_timeout, Duration::from_secs(20));
+    let shown = c.to_redacted_toml();
+    assert!(shown.contains("tcp_keepidle = \"30s\""), "{shown}");
+
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@h/d"),
+            ("PGMUX_TCP_KEEPIDLE", "0s"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "tcp_keepidle");
+    assert!(e.message.contains("at least 1s"), "{e}");
+    let (_f, r) = load_file(&format!("tcp_keepcnt = 0\n{DB}"));
+    assert_eq!(r.unwrap_err().key, "tcp_keepcnt");
+    let (_f, r) = load_file(&format!("tcp_keepalive = \"maybe\"\n{DB}"));
+    assert_eq!(r.unwrap_err().key, "tcp_keepalive");
+}
+
+fn tcp_defaults() -> crate::TcpSettings {
+    crate::TcpSettings {
+        keepalive: true,
+        keepidle: Duration::from_secs(60),
+        keepintvl: Duration::from_secs(10),
+        keepcnt: 6,
+        user_timeout: Duration::ZERO,
+    }
+}
