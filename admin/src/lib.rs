@@ -218,6 +218,10 @@ pub struct PoolTotals {
     pub servers_closed: u64,
     pub connect_errors: u64,
     pub wait_timeouts: u64,
+    /// Units run again on another server because theirs died before answering.
+    pub units_retried: u64,
+    /// Queries cancelled by `query_timeout`.
+    pub query_timeouts: u64,
     pub statements_prepared: u64,
     pub statement_cache_hits: u64,
     pub statement_evictions: u64,

@@ -171,6 +171,8 @@ impl Metrics {
             c("pgmux_server_connections_closed_total", t.servers_closed);
             c("pgmux_server_connect_errors_total", t.connect_errors);
             c("pgmux_wait_timeouts_total", t.wait_timeouts);
+            c("pgmux_units_retried_total", t.units_retried);
+            c("pgmux_query_timeouts_total", t.query_timeouts);
             c(
                 "pgmux_prepared_statements_prepared_total",
                 t.statements_prepared,

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pgmux_config::{Secret, ServerAddr};
+use pgmux_config::{Secret, ServerAddr, TcpSettings};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -39,6 +39,8 @@ pub enum ServerStream {
 }
 
 impl ServerStream {
+    /// Opens a connection with no socket option but TCP_NODELAY: for short-lived ones
+    /// (cancel requests, readiness probes).
     pub async fn connect(addr: &ServerAddr) -> io::Result<Self> {
         if addr.host.starts_with('/') {
             let path = format!("{}/.s.PGSQL.{}", addr.host, addr.port);
@@ -48,6 +50,16 @@ impl ServerStream {
             s.set_nodelay(true)?;
             Ok(ServerStream::Tcp(s))
         }
+    }
+
+    /// Opens a connection that may live long (pool servers, health checks): a TCP one also
+    /// gets `tcp`'s keepalive and user timeout (see [`crate::tcp`]).
+    pub async fn connect_with(addr: &ServerAddr, tcp: &TcpSettings) -> io::Result<Self> {
+        let s = Self::connect(addr).await?;
+        if let ServerStream::Tcp(t) = &s {
+            crate::tcp::apply_or_warn(t, tcp, "server");
+        }
+        Ok(s)
     }
 
     /// Non-blocking check of an idle connection: true if the peer closed it or sent
@@ -263,6 +275,9 @@ pub struct Server {
     pub status: u8,
     /// The stream may be mid-message or in an unknown state.
     pub dirty: bool,
+    /// The server closed the connection (or sent its FATAL goodbye): counted as
+    /// killed_by_server when it is closed.
+    pub peer_closed: bool,
     /// Bytes of a message being streamed through that have not arrived yet.
     pub pending_body: usize,
     /// ReadyForQuery messages received (one per query or Sync): read by the session
@@ -315,6 +330,7 @@ impl Server {
             unsynced: false,
             status: b'I',
             dirty: false,
+            peer_closed: false,
             pending_body: 0,
             readies: 0,
             error_classes: Vec::new(),
@@ -329,16 +345,16 @@ impl Server {
         user: &str,
         password: Option<&Secret>,
         connect_timeout: Duration,
+        tcp: &TcpSettings,
     ) -> Result<Server, BackendError> {
         let name = display_addr(addr);
         let fut = async {
-            let stream =
-                ServerStream::connect(addr)
-                    .await
-                    .map_err(|source| BackendError::Connect {
-                        addr: name.clone(),
-                        source,
-                    })?;
+            let stream = ServerStream::connect_with(addr, tcp)
+                .await
+                .map_err(|source| BackendError::Connect {
+                    addr: name.clone(),
+                    source,
+                })?;
             login(stream, addr, &name, user, password).await
         };
         match tokio::time::timeout(connect_timeout, fut).await {
@@ -395,6 +411,25 @@ impl Server {
                     });
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// One round trip that proves the server is alive and idle: a Sync, answered by
+    /// ReadyForQuery. Anything else (a FATAL, EOF, a transaction status other than idle)
+    /// is an error; the server must then be closed.
+    pub async fn ping(&mut self) -> Result<(), ProtocolError> {
+        self.stream.write_all(&[b'S', 0, 0, 0, 4]).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'S' => {
+                    let (k, v) = messages::parse_parameter_status(&frame.body)?;
+                    self.params.reported(k, v);
+                }
+                b'N' => {}
+                b'Z' if frame.body.first() == Some(&b'I') => return Ok(()),
+                _ => return Err(ProtocolError::Malformed("answer to a liveness check")),
             }
         }
     }

@@ -13,6 +13,13 @@
 //!   does, so the database can be restarted);
 //! * reconnect bumps a pool generation: idle servers close now, busy ones on release;
 //! * kill also ends the database's clients (their sessions watch a kill token).
+//! * reload applies the difference to the running configuration under the layout lock
+//!   (see [`Shared`]'s `layout`): a removed database's pools leave the maps and are
+//!   marked removed — their clients see it through [`ClientEntry::removed`] at their
+//!   next transaction boundary, their servers close as they come back; a changed
+//!   replica list stops the database's topology and builds successors the way a first
+//!   login would, and each primary pool points at its current replica set
+//!   ([`Pool::replicas`]), which sessions read per transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -28,10 +35,12 @@ use pgmux_admin::{
     DatabaseInfo, PoolInfo, PoolLimits, PoolPatch, PoolTotals, Readiness, ReplicaInfo, Role,
     RouteCounts, ServerCounts, ServerInfo, Totals,
 };
-use pgmux_config::{Config, ConfigError};
+use pgmux_config::{Config, ConfigError, ReadRouting, Secret};
 
 use crate::backend::{display_addr, ServerStream};
 use crate::pool::{CloseReason, Pool};
+use crate::replicas::Topology;
+use crate::routing::ReplicaSet;
 use crate::session::DisconnectReason;
 use crate::Shared;
 
@@ -137,7 +146,8 @@ pub struct ClientEntry {
     server_pid: AtomicI32,
     cancel_pid: AtomicI32,
     /// Set by KILL: the session ends. A flag and the session task's waker, rather than a
-    /// cancellation token: no allocation per client and a tiny future to wait on.
+    /// cancellation token: no allocation per client and a tiny future to wait on. The
+    /// waker also serves [`ClientEntry::removed`] (same task, so one slot is enough).
     killed: AtomicBool,
     waker: AtomicWaker,
 }
@@ -201,6 +211,30 @@ impl ClientEntry {
         })
     }
 
+    /// Whether a reload removed this client's database (its pool is marked removed).
+    pub fn is_removed(&self) -> bool {
+        matches!(self.ident.get(), Some(ClientIdent::Pool { pool, .. }) if pool.is_removed())
+    }
+
+    /// Resolves once a reload removed this client's database. Unlike [`Self::killed`],
+    /// the session waits on it only between transactions (idle, or waiting for a
+    /// server): a transaction in progress finishes first. Read from the pool rather
+    /// than a flag of its own, so a client that logs in while the reload runs, on a
+    /// pool that is removed already, is caught too.
+    pub fn removed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_removed() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.is_removed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     fn state(&self) -> ClientState {
         ClientState::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -244,6 +278,16 @@ impl Drop for ClientTicket {
     }
 }
 
+/// The password `pool`'s servers log in with under `cfg`. A user removed from the
+/// configuration keeps the one it has: its logged-in clients go on (as PgBouncer's do),
+/// while new logins are refused by authentication, which reads the new users table.
+fn server_password(cfg: &Config, pool: &Pool) -> Option<Arc<Secret>> {
+    match cfg.users.get(&pool.user) {
+        Some(u) => u.password.clone().map(Arc::new),
+        None => pool.password(),
+    }
+}
+
 fn invalid(e: ConfigError) -> ControlError {
     ControlError::invalid(e.key.clone(), e.to_string())
 }
@@ -277,8 +321,117 @@ impl Shared {
             p.set_max_size(max);
             p.set_min_size(min.unwrap_or(cfg.min_pool_size));
             p.set_lifetime(cfg.server_lifetime);
+            p.set_check_delay(cfg.server_check_delay);
             if p.role == Role::Primary {
                 p.set_login_retry(cfg.server_login_retry);
+            }
+        }
+    }
+
+    /// A reload removed these databases: their pools leave the maps (so listings and
+    /// new logins no longer see them) and drain. Their clients between transactions are
+    /// told `57P01` now, the others when their transaction ends; servers close as they
+    /// come back. Their replica sets and topologies go in [`Shared::sync_replicas`]. A
+    /// database added again later starts afresh. The caller holds the layout lock.
+    fn remove_databases(&self, cfg: &Config) {
+        let mut removed = Vec::new();
+        self.pools.retain(|(db, _), p| {
+            let keep = cfg.databases.contains_key(db);
+            if !keep {
+                removed.push(p.clone());
+            }
+            keep
+        });
+        if removed.is_empty() {
+            return;
+        }
+        {
+            let mut paused = self.lock_paused();
+            for p in &removed {
+                paused.databases.remove(&p.database);
+            }
+        }
+        for p in &removed {
+            p.mark_removed();
+            tracing::info!(db = %p.database, user = %p.user, clients = p.clients.load(Ordering::Relaxed), "reload: database removed; its clients end at their next transaction boundary");
+        }
+        for c in self.client_list.iter() {
+            if c.is_removed() {
+                c.waker.wake();
+            }
+        }
+    }
+
+    /// Brings topologies and replica sets in line with `cfg` after a reload. A database
+    /// whose primary, replica list or health-check settings changed (or that is gone)
+    /// has its topology stopped; each (database, user) with a primary pool gets its set
+    /// as a first login would build it, on a successor topology (pools of replicas still
+    /// listed carry over), and its primary pool points at it, which is where sessions
+    /// look at each transaction. Pools of replicas no longer listed drain: idle servers
+    /// close now, busy ones when their transaction ends. The caller holds the layout lock.
+    fn sync_replicas(&self, cfg: &Config) {
+        let mut stopped: BTreeMap<String, Arc<Topology>> = BTreeMap::new();
+        self.topologies.retain(|name, t| {
+            let keep = cfg.databases.get(name).is_some_and(|db| {
+                t.is_for(
+                    &db.primary,
+                    &db.replicas,
+                    &self.health_settings(cfg, t.health_user()),
+                )
+            });
+            if !keep {
+                stopped.insert(name.clone(), t.clone());
+            }
+            keep
+        });
+        for t in stopped.values() {
+            t.stop();
+            tracing::info!(db = %t.database, "reload: replicas or their health settings changed; replica routing restarts with the new list");
+        }
+        let mut old_sets: BTreeMap<(String, String), Arc<ReplicaSet>> = BTreeMap::new();
+        self.replica_sets.retain(|(db, user), set| {
+            let current = self
+                .topologies
+                .get(db)
+                .is_some_and(|t| Arc::ptr_eq(t.value(), &set.topology));
+            let keep = current && cfg.read_routing_for(db, user) != ReadRouting::PrimaryOnly;
+            if !keep {
+                old_sets.insert((db.clone(), user.clone()), set.clone());
+            }
+            keep
+        });
+        let primaries: Vec<Arc<Pool>> = self.pools.iter().map(|p| p.value().clone()).collect();
+        for p in primaries {
+            let Some(db) = cfg.databases.get(&p.database) else {
+                continue;
+            };
+            let key = (p.database.clone(), p.user.clone());
+            let set = self.replica_set(
+                cfg,
+                db,
+                &p.user,
+                old_sets.get(&key).map(|s| &**s),
+                stopped.get(&p.database).map(|t| &**t),
+            );
+            p.set_replicas(set);
+        }
+        for set in old_sets.values() {
+            for pool in &set.pools {
+                let reused = self
+                    .replica_sets
+                    .iter()
+                    .any(|s| s.pools.iter().any(|q| Arc::ptr_eq(q, pool)));
+                if !reused {
+                    pool.mark_removed();
+                    tracing::info!(db = %pool.database, user = %pool.user, replica = %display_addr(&pool.addr()), "reload: replica removed; its servers close as they come back");
+                }
+            }
+        }
+        // A changed password reaches the replica pools that stay.
+        for s in self.replica_sets.iter() {
+            for pool in &s.pools {
+                let password = server_password(cfg, pool);
+                pool.update_target(&pool.addr(), password.as_deref());
             }
         }
     }
@@ -346,6 +499,8 @@ impl Shared {
                 servers_closed: load(&s.servers_closed),
                 connect_errors: load(&s.connect_errors),
                 wait_timeouts: load(&s.wait_timeouts),
+                units_retried: load(&s.retried),
+                query_timeouts: load(&s.query_timeouts),
                 statements_prepared: load(&s.statements_prepared),
                 statement_cache_hits: load(&s.statement_cache_hits),
                 statement_evictions: load(&s.statement_evictions),
@@ -738,22 +893,29 @@ impl Control for Shared {
         {
             tracing::warn!("reload: listen, admin.listen and workers apply at the next start");
         }
+        let new = Arc::new(new);
+        // The new configuration goes in first, under the layout lock: a login creating a
+        // pool or replica set meanwhile either finished before (and what it made is
+        // brought in line below) or reads the new configuration.
+        let _layout = self.lock_layout();
+        self.config.store(new.clone());
         // The file and environment are the truth again: live per-pool limits go.
         for p in self.all_pools() {
             *p.overrides.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
         }
+        self.remove_databases(&new);
         // A primary that moved, or a changed password: that pool's servers are replaced.
         for p in self.pools.iter() {
             let p = p.value();
             if let Some(db) = new.databases.get(&p.database) {
-                let password = new.users.get(&p.user).and_then(|u| u.password.as_ref());
-                if p.update_target(&db.primary, password) {
+                let password = server_password(&new, p);
+                if p.update_target(&db.primary, password.as_deref()) {
                     tracing::info!(db = %p.database, user = %p.user, "reload: server address or password changed; recycling the pool's servers");
                 }
             }
         }
+        self.sync_replicas(&new);
         self.apply_limits(&new);
-        self.config.store(Arc::new(new));
         tracing::info!("configuration reloaded");
         Ok(())
     }

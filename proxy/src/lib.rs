@@ -11,6 +11,7 @@
 //! * [`relay`] — per-message bookkeeping while linked (response queue, statement rewriting).
 //! * [`prepared`] — named prepared statements that follow clients across servers.
 //! * [`sockio`] — socket reads that learn "drained" from a short read, not an EAGAIN.
+//! * [`tcp`] — TCP keepalive and user timeout on client and server sockets.
 //! * [`router`] — pure SQL classification: may this text run on a read replica?
 //! * [`routing`] — per-transaction choice of primary or replica, read-your-writes.
 //! * [`replicas`] — replica health loops, the primary's WAL clock, route counters.
@@ -34,6 +35,7 @@ pub mod router;
 pub mod routing;
 pub mod session;
 pub mod sockio;
+pub mod tcp;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
@@ -88,6 +90,11 @@ pub struct Shared {
     pub paused: std::sync::Mutex<PauseState>,
     /// Re-reads the configuration (file + environment), for reload. None: reload refused.
     pub reloader: std::sync::Mutex<Option<Reloader>>,
+    /// Held while pools, replica sets or topologies are created (first login) or
+    /// changed by a reload. Creation reads the configuration under it, so a login that
+    /// began before a reload cannot put a pool of a removed database, or a replica set
+    /// on an old replica list, into the maps after the reload went through them.
+    layout: std::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -118,7 +125,12 @@ impl Shared {
             disconnects: Default::default(),
             paused: Default::default(),
             reloader: std::sync::Mutex::new(None),
+            layout: std::sync::Mutex::new(()),
         })
+    }
+
+    pub(crate) fn lock_layout(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.layout.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Creation settings of a pool for (database, user) in `role`.
@@ -133,7 +145,9 @@ impl Shared {
                 Role::Replica => Duration::ZERO,
             },
             connect_timeout: cfg.server_connect_timeout,
+            check_delay: cfg.server_check_delay,
             histograms: self.metrics.pool_histograms(db, user, role),
+            tcp: cfg.tcp.clone(),
             paused: self
                 .paused
                 .lock()
@@ -143,30 +157,100 @@ impl Shared {
     }
 
     /// The pool for (database, user), created on first use.
+    ///
+    /// Created from the configuration current at that moment, not from the login's
+    /// snapshot `cfg`: if a reload removed the database since the login began, the pool
+    /// returned is already removed (outside the maps; the client is told `57P01` at its
+    /// first transaction boundary).
     pub fn pool_for(&self, cfg: &Config, db: &Database, user: &str) -> Arc<Pool> {
         let key = (db.name.clone(), user.to_owned());
         if let Some(p) = self.pools.get(&key) {
             return p.clone();
         }
+        let _layout = self.lock_layout();
+        let now = self.config.load();
+        let Some(db_now) = now.databases.get(&db.name) else {
+            let pool = self.primary_pool(cfg, db, user);
+            pool.mark_removed();
+            return pool;
+        };
         self.pools
             .entry(key)
-            .or_insert_with(|| {
-                let password = cfg.users.get(user).and_then(|u| u.password.clone());
-                Pool::new(
-                    db.name.clone(),
-                    user.to_owned(),
-                    Role::Primary,
-                    db.primary.clone(),
-                    password,
-                    self.pool_settings(cfg, &db.name, user, Role::Primary),
-                )
-            })
+            .or_insert_with(|| self.primary_pool(&now, db_now, user))
             .clone()
     }
 
+    fn primary_pool(&self, cfg: &Config, db: &Database, user: &str) -> Arc<Pool> {
+        let password = cfg.users.get(user).and_then(|u| u.password.clone());
+        Pool::new(
+            db.name.clone(),
+            user.to_owned(),
+            Role::Primary,
+            db.primary.clone(),
+            password,
+            self.pool_settings(cfg, &db.name, user, Role::Primary),
+        )
+    }
+
     /// The replica pools for (database, user), created on first use; `None` when the
-    /// database has no replicas or this user's routing is `primary_only`.
-    pub fn replicas_for(&self, cfg: &Config, db: &Database, user: &str) -> Option<Arc<ReplicaSet>> {
+    /// database has no replicas (or no longer exists) or this user's routing is
+    /// `primary_only`. Decided on the current configuration rather than the login's
+    /// snapshot (`_cfg`), which a reload may have overtaken.
+    pub fn replicas_for(
+        &self,
+        _cfg: &Config,
+        db: &Database,
+        user: &str,
+    ) -> Option<Arc<ReplicaSet>> {
+        {
+            let now = self.config.load();
+            let db = now.databases.get(&db.name)?;
+            if db.replicas.is_empty()
+                || now.read_routing_for(&db.name, user) == ReadRouting::PrimaryOnly
+            {
+                return None;
+            }
+        }
+        let key = (db.name.clone(), user.to_owned());
+        if let Some(s) = self.replica_sets.get(&key) {
+            return Some(s.clone());
+        }
+        let _layout = self.lock_layout();
+        let now = self.config.load();
+        let db = now.databases.get(&db.name)?;
+        let set = self.replica_set(&now, db, user, None, None);
+        if let Some(p) = self.pools.get(&key) {
+            p.set_replicas(set.clone());
+        }
+        set
+    }
+
+    /// How the health loops of a topology created for `user` log in and sample.
+    pub(crate) fn health_settings(&self, cfg: &Config, user: &str) -> HealthSettings {
+        HealthSettings {
+            user: user.to_owned(),
+            password: cfg.users.get(user).and_then(|u| u.password.clone()),
+            interval: cfg.replica_check_interval,
+            max_lag: cfg.max_replica_lag,
+            connect_timeout: cfg.server_connect_timeout,
+            tcp: cfg.tcp.clone(),
+        }
+    }
+
+    /// (database, user)'s replica set on `cfg`, from the map or created (with the
+    /// database's topology if that is missing too). The caller holds the layout lock.
+    ///
+    /// After a reload, `old` is the set this one replaces: pools of replicas still
+    /// listed, and the user's last write mark, carry over. `stopped` is the database's
+    /// topology the reload stopped: the new one continues its WAL clock.
+    pub(crate) fn replica_set(
+        &self,
+        cfg: &Config,
+        db: &Database,
+        user: &str,
+        old: Option<&ReplicaSet>,
+        stopped: Option<&Topology>,
+    ) -> Option<Arc<ReplicaSet>> {
         if db.replicas.is_empty()
             || cfg.read_routing_for(&db.name, user) == ReadRouting::PrimaryOnly
         {
@@ -176,53 +260,60 @@ impl Shared {
         if let Some(s) = self.replica_sets.get(&key) {
             return Some(s.clone());
         }
-        let password = cfg.users.get(user).and_then(|u| u.password.clone());
+        let password = match cfg.users.get(user) {
+            Some(u) => u.password.clone(),
+            // Removed from the users table while its clients are logged in: they go on
+            // with what the primary pool logs in with.
+            None => self
+                .pools
+                .get(&key)
+                .and_then(|p| p.password())
+                .map(|p| (*p).clone()),
+        };
         let topology = self
             .topologies
             .entry(db.name.clone())
             .or_insert_with(|| {
                 // The health loops log in as the first user that needs them.
-                let settings = HealthSettings {
-                    user: user.to_owned(),
-                    password: password.clone(),
-                    interval: cfg.replica_check_interval,
-                    max_lag: cfg.max_replica_lag,
-                    connect_timeout: cfg.server_connect_timeout,
-                };
-                Topology::start(
-                    &db.name,
-                    &db.primary,
-                    &db.replicas,
-                    settings,
-                    self.health_stop.clone(),
-                )
+                let settings = self.health_settings(cfg, user);
+                let stop = self.health_stop.child_token();
+                match stopped {
+                    Some(t) => t.succeed(&db.primary, &db.replicas, settings, stop),
+                    None => Topology::start(&db.name, &db.primary, &db.replicas, settings, stop),
+                }
             })
             .clone();
-        let set = self
-            .replica_sets
-            .entry(key)
-            .or_insert_with(|| {
-                let pools = db
-                    .replicas
-                    .iter()
-                    .map(|addr| {
-                        Pool::new(
-                            db.name.clone(),
-                            user.to_owned(),
-                            Role::Replica,
-                            addr.clone(),
-                            password.clone(),
-                            self.pool_settings(cfg, &db.name, user, Role::Replica),
-                        )
-                    })
-                    .collect();
-                Arc::new(ReplicaSet {
-                    topology,
-                    pools,
-                    writes: WriteMark::default(),
-                })
+        let pools = db
+            .replicas
+            .iter()
+            .map(|addr| {
+                let kept = old.and_then(|o| o.pools.iter().find(|p| *p.addr() == *addr));
+                match kept {
+                    Some(p) => {
+                        p.update_target(addr, password.as_ref());
+                        p.clone()
+                    }
+                    None => Pool::new(
+                        db.name.clone(),
+                        user.to_owned(),
+                        Role::Replica,
+                        addr.clone(),
+                        password.clone(),
+                        self.pool_settings(cfg, &db.name, user, Role::Replica),
+                    ),
+                }
             })
-            .clone();
+            .collect();
+        let writes = WriteMark::default();
+        if let Some(o) = old {
+            writes.record(o.writes.get());
+        }
+        let set = Arc::new(ReplicaSet {
+            topology,
+            pools,
+            writes,
+        });
+        self.replica_sets.insert(key, set.clone());
         Some(set)
     }
 
@@ -291,12 +382,7 @@ impl Proxy {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        let shared = shared.clone();
-                        let fut = session::run(shared, stream, peer);
-                        tracing::trace!(bytes = std::mem::size_of_val(&fut), "session future size");
-                        self.tracker.spawn(fut);
-                    }
+                    Ok((stream, peer)) => self.serve(stream, peer),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
@@ -305,9 +391,22 @@ impl Proxy {
                 }
             }
         }
+        // Handover (README, "Restart without dropped connections"): with SO_REUSEPORT the
+        // kernel keeps hashing new connections to this listener until it is closed, and
+        // closing it resets every connection that completed its handshake but was not
+        // accepted yet: a client that did nothing wrong would see "connection reset".
+        // So take what is queued first, without waiting, and serve it like any other
+        // client; the new connections after the close go to the other pgmux on the port.
+        // (A connection that completes in the microseconds between the last accept and
+        // the close is still reset unless net.ipv4.tcp_migrate_req = 1, which moves the
+        // queue to another listener of the port.)
+        let queued = self.accept_queued();
         drop(self.listener);
         self.tracker.close();
         let timeout = shared.config.load().shutdown_timeout;
+        if queued > 0 {
+            tracing::info!(clients = queued, "accepted the clients queued at shutdown");
+        }
         tracing::info!(
             clients = self.tracker.len(),
             "draining: waiting for transactions to finish"
@@ -318,8 +417,21 @@ impl Proxy {
         {
             tracing::warn!(
                 clients = self.tracker.len(),
-                "shutdown_timeout reached; closing remaining clients"
+                "shutdown_timeout reached; cancelling what still runs and closing the clients"
             );
+            // Each remaining client is told (57P01) and its server's running query is
+            // cancelled (a busy server comes back to its pool, which cancels, then
+            // closes it), so nothing is left running on PostgreSQL after pgmux exits.
+            for c in shared.client_list.iter() {
+                c.kill();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while shared.all_pools().iter().any(|p| p.in_use() > 0)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         maintenance.abort();
         shared.health_stop.cancel();
@@ -328,6 +440,50 @@ impl Proxy {
         }
         // Let the Terminate messages go out.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Spawns the session of an accepted client.
+    fn serve(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        tcp::apply_or_warn(&stream, &self.shared.config.load().tcp, "client");
+        let fut = session::run(self.shared.clone(), stream, peer);
+        tracing::trace!(bytes = std::mem::size_of_val(&fut), "session future size");
+        self.tracker.spawn(fut);
+    }
+
+    /// Accepts and serves every connection already in the listener's queue, without
+    /// waiting for more; returns how many. A plain `accept(2)` on the (non-blocking)
+    /// socket, not tokio's: tokio tries the socket only once epoll has reported it
+    /// readable, and a connection that arrived just now may not have been reported yet.
+    fn accept_queued(&self) -> usize {
+        let sock = socket2::SockRef::from(&self.listener);
+        let mut n = 0;
+        loop {
+            let (conn, addr) = match sock.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept of a queued client failed at shutdown");
+                    return n;
+                }
+            };
+            let stream = std::net::TcpStream::from(conn);
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register a queued client at shutdown");
+                    continue;
+                }
+            };
+            let peer = addr
+                .as_socket()
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+            n += 1;
+            self.serve(stream, peer);
+        }
     }
 }
 
@@ -346,5 +502,48 @@ async fn maintenance(shared: Arc<Shared>) {
             }
             p.fill_to_min();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Connections that completed their handshake but were not accepted yet when the drain
+    /// starts are accepted and answered, not reset by the listener's close (the restart
+    /// on the same port relies on it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_queued_at_shutdown_are_served_not_reset() {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shutdown_timeout: Duration::from_millis(300),
+            ..Config::default()
+        };
+        let proxy = Proxy::bind(config).await.unwrap();
+        let addr = proxy.local_addr().unwrap();
+        // In the kernel's accept queue: nothing accepts before run().
+        let mut queued: Vec<std::net::TcpStream> = (0..5)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                let mut ssl_request = 8i32.to_be_bytes().to_vec();
+                ssl_request.extend_from_slice(&protocol::SSL_REQUEST.to_be_bytes());
+                s.write_all(&ssl_request).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s
+            })
+            .collect();
+        proxy.shared.shutdown.cancel();
+        proxy.run().await;
+        for (i, s) in queued.iter_mut().enumerate() {
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer)
+                .unwrap_or_else(|e| panic!("queued connection {i}: {e}"));
+            assert_eq!(&answer, b"N", "queued connection {i}");
+        }
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "the listener is closed after the drain"
+        );
     }
 }

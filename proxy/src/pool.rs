@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +27,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use pgmux_admin::metrics::PoolHistograms;
 use pgmux_admin::Role;
-use pgmux_config::{Secret, ServerAddr};
+use pgmux_config::{Secret, ServerAddr, TcpSettings};
 use tokio::sync::oneshot;
 
 use crate::backend::{send_cancel, BackendError, ReturnState, Server};
@@ -62,6 +62,8 @@ pub enum CloseReason {
     ServerError,
     /// Found closed by PostgreSQL while idle (terminated, restarted).
     KilledByServer,
+    /// Idle past server_check_delay and did not answer the liveness check in time.
+    CheckFailed,
     /// A client left in the middle of a query: cancelled, then closed.
     ClientGone,
     /// The ROLLBACK of an abandoned transaction failed.
@@ -79,12 +81,13 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::IdleTimeout,
         CloseReason::Lifetime,
         CloseReason::PoolShrunk,
         CloseReason::ServerError,
         CloseReason::KilledByServer,
+        CloseReason::CheckFailed,
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::Reconnect,
@@ -101,6 +104,7 @@ impl CloseReason {
             CloseReason::PoolShrunk => "pool_shrunk",
             CloseReason::ServerError => "server_error",
             CloseReason::KilledByServer => "killed_by_server",
+            CloseReason::CheckFailed => "check_failed",
             CloseReason::ClientGone => "client_gone",
             CloseReason::RollbackFailed => "rollback_failed",
             CloseReason::Reconnect => "reconnect",
@@ -163,6 +167,10 @@ pub struct PoolStats {
     pub servers_closed: AtomicU64,
     pub connect_errors: AtomicU64,
     pub wait_timeouts: AtomicU64,
+    /// Units sent again to another server because theirs died before answering.
+    pub retried: AtomicU64,
+    /// Queries cancelled by query_timeout.
+    pub query_timeouts: AtomicU64,
     /// Named statements prepared on a server of this pool (Parse sent, client's or injected).
     pub statements_prepared: AtomicU64,
     /// Client Parse/Bind/Describe of a named statement the server already had.
@@ -196,6 +204,8 @@ pub struct Pool {
     lifetime_ms: AtomicU64,
     /// server_login_retry in milliseconds; 0: a failed connect fails the checkout.
     login_retry_ms: AtomicU64,
+    /// server_check_delay in milliseconds.
+    check_delay_ms: AtomicU64,
     /// Limits set live for this pool (PATCH /api/v1/pools): (pool_size, min_pool_size).
     /// They win over the configuration until a reload.
     pub overrides: Mutex<(Option<usize>, Option<usize>)>,
@@ -209,6 +219,7 @@ pub struct Pool {
     pub servers: DashMap<u64, Arc<ServerEntry>>,
     pub histograms: PoolHistograms,
     connect_timeout: Duration,
+    tcp: TcpSettings,
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
     startup_params: ArcSwapOption<ServerParams>,
@@ -216,6 +227,14 @@ pub struct Pool {
     /// pool, because a text valid in one database may not be in another.
     pub statements: crate::prepared::Registry,
     pub stats: PoolStats,
+    /// A reload removed the pool's database (or, for a replica pool, its replica): the
+    /// pool is out of [`crate::Shared`]'s maps; its clients are told at their next
+    /// transaction boundary and its servers close as they come back.
+    removed: AtomicBool,
+    /// Primary pools: this (database, user)'s replica pools as of the latest
+    /// configuration. Sessions read it per transaction, so a reload that changes the
+    /// replica list reaches logged-in clients too.
+    replicas: ArcSwapOption<crate::routing::ReplicaSet>,
 }
 
 /// A snapshot of a pool's occupancy.
@@ -240,8 +259,12 @@ pub struct PoolSettings {
     pub lifetime: Duration,
     pub login_retry: Duration,
     pub connect_timeout: Duration,
+    /// server_check_delay: an idle server unused this long is pinged before use.
+    pub check_delay: Duration,
     pub histograms: PoolHistograms,
     pub paused: bool,
+    /// Keepalive and user timeout of the servers this pool opens.
+    pub tcp: TcpSettings,
 }
 
 impl Pool {
@@ -264,6 +287,7 @@ impl Pool {
             min_size: AtomicUsize::new(settings.min_size.min(max)),
             lifetime_ms: AtomicU64::new(settings.lifetime.as_millis() as u64),
             login_retry_ms: AtomicU64::new(settings.login_retry.as_millis() as u64),
+            check_delay_ms: AtomicU64::new(settings.check_delay.as_millis() as u64),
             overrides: Mutex::new((None, None)),
             generation: AtomicU64::new(0),
             connecting: AtomicUsize::new(0),
@@ -271,6 +295,7 @@ impl Pool {
             servers: DashMap::new(),
             histograms: settings.histograms,
             connect_timeout: settings.connect_timeout,
+            tcp: settings.tcp,
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 total: 0,
@@ -280,6 +305,8 @@ impl Pool {
             startup_params: ArcSwapOption::empty(),
             statements: crate::prepared::Registry::default(),
             stats: PoolStats::default(),
+            removed: AtomicBool::new(false),
+            replicas: ArcSwapOption::empty(),
         })
     }
 
@@ -324,6 +351,33 @@ impl Pool {
         self.password.store(password.cloned().map(Arc::new));
         self.reconnect(CloseReason::Reload);
         true
+    }
+
+    /// The password servers log in with now.
+    pub fn password(&self) -> Option<Arc<Secret>> {
+        self.password.load_full()
+    }
+
+    /// A reload removed what this pool serves: idle servers close now, busy ones when
+    /// their transaction ends (close reason `reload`), and nothing new is kept idle.
+    /// The caller has taken the pool out of the shared maps already.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        self.replicas.store(None);
+        self.reconnect(CloseReason::Reload);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// This (database, user)'s replica pools now (primary pools; see the field).
+    pub fn replicas(&self) -> Option<Arc<crate::routing::ReplicaSet>> {
+        self.replicas.load_full()
+    }
+
+    pub fn set_replicas(&self, set: Option<Arc<crate::routing::ReplicaSet>>) {
+        self.replicas.store(set);
     }
 
     /// Server parameters for a client's login burst, if a server has logged in already.
@@ -376,10 +430,15 @@ impl Pool {
                 },
             };
             match handoff {
-                Handoff::Server(s) => {
+                Handoff::Server(mut s) => {
                     if s.stream.looks_dead() || !s.buf.is_empty() {
                         tracing::debug!(pool = %self.user, server = s.id, "idle server was closed by the peer; replacing it");
                         self.close(s, CloseReason::KilledByServer);
+                        continue;
+                    }
+                    // Boxed: only a server idle past the delay pays for the future.
+                    if self.needs_check(&s) && !Box::pin(self.passes_check(&mut s)).await {
+                        self.close(s, CloseReason::CheckFailed);
                         continue;
                     }
                     self.record_wait(start);
@@ -436,7 +495,14 @@ impl Pool {
         self.connecting.fetch_add(1, Ordering::Relaxed);
         let addr = self.addr.load_full();
         let password = self.password.load_full();
-        let r = Server::connect(&addr, &self.user, password.as_deref(), self.connect_timeout).await;
+        let r = Server::connect(
+            &addr,
+            &self.user,
+            password.as_deref(),
+            self.connect_timeout,
+            &self.tcp,
+        )
+        .await;
         self.connecting.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(mut s) => {
@@ -502,6 +568,30 @@ impl Pool {
             .store(retry.as_millis() as u64, Ordering::Relaxed);
     }
 
+    pub fn set_check_delay(&self, delay: Duration) {
+        self.check_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// server_check_delay: a server idle at least that long answers a Sync before a client
+    /// gets it (the socket check above cannot see a peer that vanished without a word:
+    /// a failover, a network cut). False: close it and take another.
+    fn needs_check(&self, server: &Server) -> bool {
+        let delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
+        server.last_used.elapsed() >= delay
+    }
+
+    async fn passes_check(&self, server: &mut Server) -> bool {
+        let ok = matches!(
+            tokio::time::timeout(self.connect_timeout, server.ping()).await,
+            Ok(Ok(()))
+        );
+        if !ok {
+            tracing::info!(db = %self.database, user = %self.user, server = server.id, "idle server failed its liveness check; replacing it");
+        }
+        ok
+    }
+
     pub fn set_lifetime(&self, lifetime: Duration) {
         self.lifetime_ms
             .store(lifetime.as_millis() as u64, Ordering::Relaxed);
@@ -509,6 +599,10 @@ impl Pool {
 
     /// Returns a clean server: to the first live waiter, else onto the idle stack.
     fn checkin(&self, mut server: Box<Server>) {
+        if self.is_removed() {
+            self.close(server, CloseReason::Reload);
+            return;
+        }
         if server.generation < self.generation.load(Ordering::Relaxed) {
             self.close(server, CloseReason::Reconnect);
             return;
@@ -562,6 +656,9 @@ impl Pool {
     fn give_back(self: &Arc<Self>, server: Box<Server>) {
         match server.state() {
             ReturnState::Clean => self.checkin(server),
+            ReturnState::Broken if server.peer_closed => {
+                self.close(server, CloseReason::KilledByServer)
+            }
             ReturnState::Broken => self.close(server, CloseReason::ServerError),
             ReturnState::NeedsRollback => {
                 let pool = self.clone();
@@ -688,6 +785,10 @@ impl Pool {
                 && g.total - old.len() > keep_min;
             if idle_long {
                 old.push((g.idle.remove(i), CloseReason::IdleTimeout));
+            } else if g.idle[i].stream.looks_dead() || !g.idle[i].buf.is_empty() {
+                // Terminated from outside while idle (pg_terminate_backend, a restart):
+                // replaced by fill_to_min when min_pool_size wants it.
+                old.push((g.idle.remove(i), CloseReason::KilledByServer));
             } else if self.too_old(&g.idle[i]) {
                 // Replaced by fill_to_min when min_pool_size wants it.
                 old.push((g.idle.remove(i), CloseReason::Lifetime));
@@ -699,7 +800,11 @@ impl Pool {
         drop(g);
         let n = old.len();
         for (s, reason) in old {
-            self.retire(s, reason);
+            if reason == CloseReason::KilledByServer {
+                self.count_close(&s, reason); // nobody left to say goodbye to
+            } else {
+                self.retire(s, reason);
+            }
         }
         n
     }

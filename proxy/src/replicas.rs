@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgmux_config::{Secret, ServerAddr};
+use pgmux_config::{Secret, ServerAddr, TcpSettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Server;
@@ -247,22 +247,33 @@ impl Replica {
 }
 
 /// How the health loop logs in and how strict it is.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct HealthSettings {
     pub user: String,
     pub password: Option<Secret>,
     pub interval: Duration,
     pub max_lag: Duration,
     pub connect_timeout: Duration,
+    pub tcp: TcpSettings,
 }
 
 /// A database's primary WAL clock and replicas.
+///
+/// A topology never changes its servers: a reload that changes them (or the health
+/// loops' settings) [stops](Topology::stop) it and starts a
+/// [successor](Topology::succeed).
 pub struct Topology {
     pub database: String,
-    pub wal: WalClock,
+    /// Shared with a successor on the same primary, so that read-your-writes marks
+    /// taken on this topology stay valid on the next.
+    pub wal: Arc<WalClock>,
     pub replicas: Vec<Arc<Replica>>,
     pub stats: RouteStats,
     max_lag: Duration,
+    primary: ServerAddr,
+    settings: HealthSettings,
+    /// Ends this topology's health loops (a child of the proxy-wide stop).
+    stop: CancellationToken,
 }
 
 impl Topology {
@@ -274,9 +285,43 @@ impl Topology {
         settings: HealthSettings,
         stop: CancellationToken,
     ) -> Arc<Topology> {
+        let wal = WalClock::new(settings.max_lag * 2, settings.interval);
+        Self::launch(database, primary, replicas, settings, stop, Arc::new(wal))
+    }
+
+    /// The topology that replaces this stopped one after a reload. On the same primary
+    /// it keeps the WAL clock; on another one it starts a new clock whose sample ids
+    /// continue this one's, so a mark taken here resolves to a sample of the new
+    /// primary taken after the change rather than waiting for the ids to catch up.
+    pub fn succeed(
+        &self,
+        primary: &ServerAddr,
+        replicas: &[ServerAddr],
+        settings: HealthSettings,
+        stop: CancellationToken,
+    ) -> Arc<Topology> {
+        let wal = if *primary == self.primary {
+            self.wal.clone()
+        } else {
+            let wal = WalClock::new(settings.max_lag * 2, settings.interval);
+            wal.started
+                .store(self.wal.started.load(Ordering::Acquire), Ordering::Release);
+            Arc::new(wal)
+        };
+        Self::launch(&self.database, primary, replicas, settings, stop, wal)
+    }
+
+    fn launch(
+        database: &str,
+        primary: &ServerAddr,
+        replicas: &[ServerAddr],
+        settings: HealthSettings,
+        stop: CancellationToken,
+        wal: Arc<WalClock>,
+    ) -> Arc<Topology> {
         let topo = Arc::new(Topology {
             database: database.to_owned(),
-            wal: WalClock::new(settings.max_lag * 2, settings.interval),
+            wal,
             replicas: replicas
                 .iter()
                 .enumerate()
@@ -284,6 +329,9 @@ impl Topology {
                 .collect(),
             stats: RouteStats::default(),
             max_lag: settings.max_lag,
+            primary: primary.clone(),
+            settings: settings.clone(),
+            stop: stop.clone(),
         });
         let primary = Arc::new(primary.clone());
         tokio::spawn(primary_loop(
@@ -305,7 +353,7 @@ impl Topology {
 
     /// Whether a replica may serve a read that needs `needed` replayed (0: nothing).
     pub fn usable(&self, r: &Replica, needed: u64) -> bool {
-        r.is_healthy() && r.replay_lsn() >= needed
+        r.is_healthy() && r.replay_lsn() >= needed && !self.stop.is_cancelled()
     }
 
     /// A replica connection died before answering a unit that is now sent elsewhere: the
@@ -313,6 +361,41 @@ impl Topology {
     pub fn lost_before_answer(&self, r: &Replica) {
         r.mark_down("connection lost");
         self.stats.retried.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The user the health loops log in as.
+    pub fn health_user(&self) -> &str {
+        &self.settings.user
+    }
+
+    /// Whether this topology already watches these servers with these settings.
+    pub fn is_for(
+        &self,
+        primary: &ServerAddr,
+        replicas: &[ServerAddr],
+        settings: &HealthSettings,
+    ) -> bool {
+        self.primary == *primary
+            && self.settings == *settings
+            && self.replicas.len() == replicas.len()
+            && self
+                .replicas
+                .iter()
+                .zip(replicas)
+                .all(|(r, a)| *r.addr == *a)
+    }
+
+    /// A reload replaced or removed the topology: the health loops end, and every
+    /// replica leaves the rotation for good, so a session still holding this topology
+    /// sends its reads to the primary until it picks up the current one.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        for r in &self.replicas {
+            r.lagging.store(false, Ordering::Release);
+            r.healthy.store(false, Ordering::Release);
+            *r.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some("removed by a configuration reload".to_owned());
+        }
     }
 
     pub fn max_lag(&self) -> Duration {
@@ -371,7 +454,7 @@ impl std::fmt::Display for SampleError {
 
 async fn connect(addr: &Arc<ServerAddr>, s: &HealthSettings) -> Result<Server, String> {
     let timeout = s.connect_timeout.min(Duration::from_secs(5));
-    Server::connect(addr, &s.user, s.password.as_ref(), timeout)
+    Server::connect(addr, &s.user, s.password.as_ref(), timeout, &s.tcp)
         .await
         .map_err(|e| e.to_string())
 }
@@ -420,7 +503,11 @@ async fn primary_loop(
             _ = tick.tick() => {}
         }
         let id = topo.wal.start();
-        match sample(&mut conn, &addr, &s, PRIMARY_SQL).await {
+        let sampled = sample(&mut conn, &addr, &s, PRIMARY_SQL).await;
+        if stop.is_cancelled() {
+            break;
+        }
+        match sampled {
             Ok(row) => {
                 logged = false;
                 let col = |i: usize| row.get(i).cloned().flatten();
@@ -481,7 +568,12 @@ async fn replica_loop(
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match sample(&mut conn, &r.addr, &s, REPLICA_SQL).await {
+        let sampled = sample(&mut conn, &r.addr, &s, REPLICA_SQL).await;
+        if stop.is_cancelled() {
+            // Stopped by a reload while sampling: the replica stays out of rotation.
+            break;
+        }
+        match sampled {
             Ok(row) => {
                 failures = 0;
                 let in_recovery = row.first().cloned().flatten().as_deref() == Some("t");
@@ -589,6 +681,74 @@ mod tests {
         assert_eq!(w.latest(), Some(999));
         // An evicted mark resolves to the oldest kept sample (a later, safe position).
         assert_eq!(w.position_for(1), Some(1000 - 64));
+    }
+
+    fn addr(port: u16) -> ServerAddr {
+        ServerAddr {
+            host: "127.0.0.1".into(),
+            port,
+            dbname: "db".into(),
+            params: Default::default(),
+        }
+    }
+
+    fn settings() -> HealthSettings {
+        HealthSettings {
+            user: "u".into(),
+            password: None,
+            interval: Duration::from_secs(60),
+            max_lag: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(100),
+            tcp: TcpSettings::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_topology_stops_and_its_successor_keeps_the_marks_valid() {
+        // Nothing listens on port 1: the health loops fail to connect, which is fine here.
+        let (p1, p2, r1, r2) = (addr(1), addr(2), addr(3), addr(4));
+        let stop = CancellationToken::new();
+        let one = [r1.clone()];
+        let old = Topology::start("db", &p1, &one, settings(), stop.child_token());
+        assert!(old.is_for(&p1, &one, &settings()));
+        assert!(!old.is_for(&p1, &[r1.clone(), r2.clone()], &settings()));
+        assert!(!old.is_for(&p2, &one, &settings()));
+        let slower = HealthSettings {
+            interval: Duration::from_secs(61),
+            ..settings()
+        };
+        assert!(!old.is_for(&p1, &one, &slower));
+
+        let id = old.wal.start();
+        old.wal.record(id, 100);
+        let mark = old.wal.mark();
+        old.replicas[0].mark_up(100, Duration::ZERO, 0);
+        assert!(old.usable(&old.replicas[0], 0));
+        old.stop();
+        assert!(!old.usable(&old.replicas[0], 0), "out of rotation for good");
+        assert!(!old.replicas[0].is_healthy());
+        // Even if a sample that was in flight put it back.
+        old.replicas[0].mark_up(100, Duration::ZERO, 0);
+        assert!(!old.usable(&old.replicas[0], 0));
+
+        // Same primary: the clock is the same, so marks taken before still resolve.
+        let next = old.succeed(&p1, &[r1.clone(), r2], settings(), stop.child_token());
+        assert!(Arc::ptr_eq(&next.wal, &old.wal));
+        assert_eq!(next.replicas.len(), 2);
+        assert!(
+            !next.replicas[0].is_healthy(),
+            "new replicas wait for a health check"
+        );
+        // Another primary: a new clock whose ids continue, so an old mark waits for the
+        // first sample of the new primary, not for the ids to catch up.
+        let moved = old.succeed(&p2, &[r1], settings(), stop.child_token());
+        assert!(!Arc::ptr_eq(&moved.wal, &old.wal));
+        assert_eq!(moved.wal.position_for(mark), None);
+        let id = moved.wal.start();
+        assert!(id >= mark);
+        moved.wal.record(id, 7);
+        assert_eq!(moved.wal.position_for(mark), Some(7));
+        stop.cancel();
     }
 
     #[test]

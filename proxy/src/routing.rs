@@ -47,10 +47,50 @@ pub struct Next {
     pub unit: Unit,
     /// Bytes of `rbuf` the unit spans (0 for [`Unit::Unknown`]).
     pub len: usize,
-    /// Sending the unit again changes no client state pgmux tracks: no named Parse or
-    /// Close in it. A read-only unit that lost its replica before any answer may then run
-    /// again elsewhere.
-    pub replayable: bool,
+}
+
+/// The length of the unit at the front of `rbuf` if it can be sent again, whole, to
+/// another server: one Query, or extended-protocol messages up to a Sync that need
+/// nothing from an earlier batch's server and change no client state pgmux tracks (no
+/// named Parse, no Close; a Bind names a statement parsed in the batch or one pgmux
+/// tracks and can prepare anywhere). `None` also for an incomplete unit.
+pub fn replayable_len(rbuf: &[u8], statements: &ClientStatements, max: usize) -> Option<usize> {
+    let mut pos = 0;
+    // Unnamed statement parsed in this batch.
+    let mut unnamed = false;
+    for i in 0..MAX_BATCH_MESSAGES {
+        let (tag, len) = complete_frame_len(&rbuf[pos..], max).ok()??;
+        let body = &rbuf[pos + 5..pos + len];
+        pos += len;
+        match tag {
+            b'Q' if i == 0 => return Some(pos),
+            b'P' => {
+                let (name, _) = cstr(body)?;
+                if !name.is_empty() {
+                    return None;
+                }
+                unnamed = true;
+            }
+            b'B' => {
+                let (_portal, rest) = cstr(body)?;
+                let (name, _) = cstr(rest)?;
+                let known = if name.is_empty() {
+                    unnamed
+                } else {
+                    std::str::from_utf8(name)
+                        .ok()
+                        .is_some_and(|n| statements.get(n).is_some())
+                };
+                if !known {
+                    return None;
+                }
+            }
+            b'D' | b'E' | b'H' => {}
+            b'S' => return Some(pos),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Reads the next unit from the front of `rbuf` without consuming it.
@@ -62,9 +102,7 @@ pub fn next_unit(
     let unknown = Next {
         unit: Unit::Unknown,
         len: 0,
-        replayable: false,
     };
-    let mut replayable = true;
     let mut pos = 0;
     let mut texts: Vec<Bytes> = Vec::new();
     // Statements parsed earlier in this batch, by client name.
@@ -82,13 +120,11 @@ pub fn next_unit(
                 return Ok(Next {
                     unit: Unit::Query(Bytes::copy_from_slice(text)),
                     len: pos,
-                    replayable,
                 });
             }
             b'P' => {
                 let (name, rest) = cstr(body).ok_or(bad("Parse"))?;
                 let (text, _) = cstr(rest).ok_or(bad("Parse"))?;
-                replayable &= name.is_empty();
                 parsed.retain(|(n, _)| *n != name);
                 parsed.push((name, texts.len()));
                 texts.push(Bytes::copy_from_slice(text));
@@ -110,13 +146,11 @@ pub fn next_unit(
                 };
                 texts.push(stmt.query.clone());
             }
-            b'C' => replayable = false,
-            b'D' | b'E' | b'H' => {}
+            b'C' | b'D' | b'E' | b'H' => {}
             b'S' => {
                 return Ok(Next {
                     unit: Unit::Batch(texts),
                     len: pos,
-                    replayable,
                 })
             }
             _ => return Ok(unknown),
@@ -354,21 +388,39 @@ mod tests {
         let first = buf.len();
         frame(&mut buf, b'Q', b"SELECT 2\0");
         let n = next_unit(&buf, &s, 1 << 20).unwrap();
-        assert_eq!((n.len, n.replayable), (first, true));
+        assert_eq!(n.len, first);
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), Some(first));
 
         let mut buf = BytesMut::new();
         parse(&mut buf, "", "SELECT 1");
         bind(&mut buf, "");
         frame(&mut buf, b'S', b"");
         let n = next_unit(&buf, &s, 1 << 20).unwrap();
-        assert_eq!((n.len, n.replayable), (buf.len(), true));
+        assert_eq!(n.len, buf.len());
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), Some(buf.len()));
 
         // A named Parse registers a client statement: not sent twice.
         let mut buf = BytesMut::new();
         parse(&mut buf, "s1", "SELECT 1");
         bind(&mut buf, "s1");
         frame(&mut buf, b'S', b"");
-        assert!(!next_unit(&buf, &s, 1 << 20).unwrap().replayable);
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), None);
+
+        // The unnamed statement of an earlier batch lives on the old server only.
+        let mut buf = BytesMut::new();
+        bind(&mut buf, "");
+        frame(&mut buf, b'S', b"");
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), None);
+
+        // A Close, or no Sync yet: not replayed.
+        let mut buf = BytesMut::new();
+        frame(&mut buf, b'C', b"Ss1\0");
+        frame(&mut buf, b'S', b"");
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), None);
+        let mut buf = BytesMut::new();
+        parse(&mut buf, "", "SELECT 1");
+        bind(&mut buf, "");
+        assert_eq!(replayable_len(&buf, &s, 1 << 20), None);
     }
 
     #[test]

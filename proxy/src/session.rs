@@ -30,17 +30,17 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{self, ScramServer};
-use crate::backend::{BackendError, Server};
+use crate::backend::{send_cancel, BackendError, Server};
 use crate::cancel::Registration;
 use crate::control::{ClientEntry, ClientIdent, ClientTicket};
 use crate::params::{self, ClientParams};
 use crate::pool::{Pool, PoolError, PooledServer};
 use crate::prepared::ClientStatements;
 use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_packet, Frame};
-use crate::protocol::messages::{self as msg, Severity};
+use crate::protocol::messages::{self as msg, ErrorFields, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
-use crate::routing::{self, next_unit, Choice, Next, ReplicaSet, Target, Unit};
+use crate::routing::{self, next_unit, replayable_len, Choice, Next, ReplicaSet, Target, Unit};
 use crate::sockio;
 use crate::Shared;
 use pgmux_admin::console::{Access, Reply};
@@ -68,10 +68,14 @@ pub enum DisconnectReason {
     ClientIdleTimeout,
     /// Idle inside a transaction longer than idle_transaction_timeout.
     IdleTransactionTimeout,
+    /// A query outlived query_timeout and its server did not answer the cancel.
+    QueryTimeout,
+    /// A reload removed the client's database.
+    DatabaseRemoved,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 14] = [
+    pub const ALL: [DisconnectReason; 16] = [
         DisconnectReason::ClientTerminate,
         DisconnectReason::ClientClosed,
         DisconnectReason::ClientProtocolError,
@@ -86,6 +90,8 @@ impl DisconnectReason {
         DisconnectReason::Killed,
         DisconnectReason::ClientIdleTimeout,
         DisconnectReason::IdleTransactionTimeout,
+        DisconnectReason::QueryTimeout,
+        DisconnectReason::DatabaseRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +110,8 @@ impl DisconnectReason {
             DisconnectReason::Killed => "killed",
             DisconnectReason::ClientIdleTimeout => "client_idle_timeout",
             DisconnectReason::IdleTransactionTimeout => "idle_transaction_timeout",
+            DisconnectReason::QueryTimeout => "query_timeout",
+            DisconnectReason::DatabaseRemoved => "database_removed",
         }
     }
 }
@@ -165,6 +173,15 @@ impl Client {
         )
         .await;
         DisconnectReason::Killed
+    }
+
+    /// A reload removed the client's database; it is between transactions: FATAL
+    /// 57P01, then close.
+    async fn database_removed(&mut self, database: &str) -> DisconnectReason {
+        let text = format!("database \"{database}\" was removed from the configuration");
+        self.fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, &text)
+            .await;
+        DisconnectReason::DatabaseRemoved
     }
 
     /// A protocol violation: FATAL 08P01 with the reason, then close.
@@ -849,20 +866,132 @@ struct LinkCounters {
 enum LinkEnd {
     Released,
     Ended(DisconnectReason),
-    /// The replica died before answering a read-only unit: these bytes go back in front
+    /// The server died before answering (see [`Resend`]): these bytes go back in front
     /// of the client's buffer and the unit is routed again.
     Retry(Bytes),
 }
 
+/// The first unit of a link, kept while it may still be sent again to another server.
+enum Resend {
+    /// A read-only unit on a replica: until its answer is complete (held back from the
+    /// client until then, up to [`HOLD_LIMIT`]). A hot standby cannot write, so running
+    /// it again is safe whatever happened to the first attempt.
+    Answer(Bytes),
+    /// A unit on the primary: until the server has completed anything (a CommandComplete,
+    /// an error, a COPY, a ReadyForQuery: see [`early_answer`]), and for at most
+    /// [`RESEND_WINDOW`] after it was sent; the answer so far is held back meanwhile (up
+    /// to [`HOLD_LIMIT`]). If the connection closes in that time, or the server's next
+    /// message is the FATAL of a terminated backend (57P01 admin shutdown, 57P02 crash,
+    /// 57P03 cannot connect now, 57P05 idle session timeout), the unit has not taken
+    /// effect: PostgreSQL commits a statement before its CommandComplete (and an extended
+    /// batch at its Sync, after the CommandComplete), and handles a termination only at
+    /// points where nothing is committed, so the FATAL rolled the unit back (only what
+    /// PostgreSQL never rolls back, such as a sequence's nextval, may have advanced).
+    /// This is what lets pg_terminate_backend on idle backends, or a backend that died
+    /// between the pool's liveness check and the client's query, cost the client nothing.
+    /// A statement that was running longer when its backend was terminated gets the
+    /// error: the operator may have meant to stop it.
+    BeforeCompletion(Bytes),
+}
+
+impl Resend {
+    fn into_unit(self) -> Bytes {
+        match self {
+            Resend::Answer(b) | Resend::BeforeCompletion(b) => b,
+        }
+    }
+}
+
+/// Whether `r` may still be sent again, its first write having been at `sent`.
+fn resend_allowed(r: &Resend, sent: Option<std::time::Instant>) -> bool {
+    match r {
+        Resend::Answer(_) => true,
+        Resend::BeforeCompletion(_) => sent.is_none_or(|t| t.elapsed() <= RESEND_WINDOW),
+    }
+}
+
+/// What the answer so far says, for [`Resend::BeforeCompletion`].
+#[derive(Debug, PartialEq, Eq)]
+enum Early {
+    /// Only messages that complete nothing (RowDescription, DataRow, ParseComplete, …),
+    /// and maybe the start of another: wait for more.
+    Pending,
+    /// The FATAL of a terminated backend, after nothing that completed.
+    Death,
+    /// Something completed (or the answer is too long to hold): no resending.
+    Answered,
+}
+
+/// Walks the messages at the start of `buf` without consuming them.
+fn early_answer(buf: &[u8]) -> Early {
+    let mut pos = 0;
+    loop {
+        let Some(header) = buf.get(pos..pos + 5) else {
+            return Early::Pending;
+        };
+        let tag = header[0];
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len < 4 || pos + 1 + len > HOLD_LIMIT {
+            return Early::Answered; // malformed (the scan reports it) or too long to hold
+        }
+        match tag {
+            // Describe answers, rows, ParseComplete/BindComplete, parameter changes,
+            // notices: nothing is completed or committed by them.
+            b'T' | b'D' | b'1' | b'2' | b'n' | b't' | b'S' | b'N' => {}
+            b'E' => {
+                let Some(body) = buf.get(pos + 5..pos + 1 + len) else {
+                    return Early::Pending;
+                };
+                let death = ErrorFields::parse(body).is_ok_and(|f| {
+                    f.severity() == "FATAL"
+                        && matches!(f.code(), "57P01" | "57P02" | "57P03" | "57P05")
+                });
+                return if death { Early::Death } else { Early::Answered };
+            }
+            _ => return Early::Answered,
+        }
+        pos += 1 + len;
+    }
+}
+
+/// After query_timeout's cancel, how long the server has to answer before it is given up.
+const QUERY_CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Attempts of one unit after its replica died; then the client gets the error.
 const MAX_UNIT_RETRIES: u32 = 3;
 /// Largest answer to a replayable replica unit held back until it is complete.
 const HOLD_LIMIT: usize = 64 * 1024;
+/// How long after a unit went to the primary a dead server's goodbye still lets it run
+/// again ([`Resend::BeforeCompletion`]). A backend terminated while idle (as the operator's
+/// `state = 'idle'` runbook sees it) never runs the unit: PostgreSQL handles the
+/// termination before it executes anything it read. But "idle" can last a while after the
+/// unit arrived: on a busy host a backend may wait to be scheduled (300 ms was seen on
+/// 2 cores under pgbench). A statement running longer than this when its backend was
+/// terminated was visibly active: the operator may have meant to stop it, so it is not
+/// sent again and the client gets the error.
+const RESEND_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the drain waits for the first transaction of a client that had not started
+/// one when the drain began. Such a client connected just before the SIGTERM, and during a
+/// restart on the same port (SO_REUSEPORT) its connect may have reached this process
+/// rather than its successor by chance: it is served once, then told 57P01 like everyone.
+const FIRST_TRANSACTION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves when the drain reaches a client that is between transactions: at once for a
+/// client that has run a transaction, [`FIRST_TRANSACTION_GRACE`] later for a fresh one.
+async fn drain_reached(shutdown: &tokio_util::sync::CancellationToken, fresh: bool) {
+    shutdown.cancelled().await;
+    if fresh {
+        // Boxed: only a draining client pays for the timer, not every idle task.
+        Box::pin(tokio::time::sleep(FIRST_TRANSACTION_GRACE)).await;
+    }
+}
 
 impl Session<'_> {
     async fn serve(&mut self) -> DisconnectReason {
         let max = self.cfg.max_message_size;
         let mut retries = 0;
+        // No transaction started yet: see [`FIRST_TRANSACTION_GRACE`].
+        let mut fresh = true;
         'idle: loop {
             // --- idle: wait for a message that needs a server
             loop {
@@ -897,8 +1026,9 @@ impl Session<'_> {
                     (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
                 tokio::select! {
                     biased;
-                    _ = self.shared.shutdown.cancelled() => return self.client.shutting_down().await,
+                    _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
                     _ = self.entry.killed() => return self.client.killed().await,
+                    _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
                         return DisconnectReason::ClientIdleTimeout;
@@ -933,13 +1063,18 @@ impl Session<'_> {
             let checkout = tokio::select! {
                 biased;
                 // A client still waiting for a server when the drain starts has not begun
-                // its transaction: it is told, like an idle one, and nothing runs.
-                _ = self.shared.shutdown.cancelled() => return self.client.shutting_down().await,
+                // its transaction: it is told, like an idle one, and nothing runs (a fresh
+                // client gets FIRST_TRANSACTION_GRACE first, as when idle).
+                _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
                 _ = self.entry.killed() => return self.client.killed().await,
+                _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
                 r = self.checkout() => r,
             };
             let (server, choice, replay) = match checkout {
-                Ok(s) => s,
+                Ok(s) => {
+                    fresh = false;
+                    s
+                }
                 Err(e) => {
                     report_checkout_error(&mut self.client, &e).await;
                     return match e {
@@ -970,9 +1105,11 @@ impl Session<'_> {
 
     /// A server for the client's next unit of work: a replica when routing allows it.
     /// For a replica, also a copy of the unit when it may be sent again elsewhere.
-    async fn checkout(&mut self) -> Result<(PooledServer, Choice, Option<Bytes>), PoolError> {
+    async fn checkout(&mut self) -> Result<(PooledServer, Choice, Option<Resend>), PoolError> {
         // Read now, not at login: a live change applies to the next transaction.
         let wait = self.shared.config.load().query_wait_timeout;
+        // The replica set as of the latest reload (replicas added, removed or moved).
+        self.replicas = self.pool.replicas();
         let mut choice = Choice {
             target: Target::Primary,
             writes: true,
@@ -987,7 +1124,6 @@ impl Session<'_> {
             .unwrap_or(Next {
                 unit: Unit::Unknown,
                 len: 0,
-                replayable: false,
             });
             let decision = routing::classify(&self.shared.router, &next.unit);
             choice = set.choose(
@@ -999,9 +1135,7 @@ impl Session<'_> {
             if let Target::Replica(i) = choice.target {
                 match set.pools[i].checkout(wait).await {
                     Ok(s) => {
-                        let replay = next
-                            .replayable
-                            .then(|| Bytes::copy_from_slice(&self.client.rbuf[..next.len]));
+                        let replay = self.replayable_unit().map(Resend::Answer);
                         return Ok((s, choice, replay));
                     }
                     Err(PoolError::Connect(e)) => {
@@ -1017,14 +1151,28 @@ impl Session<'_> {
                 }
             }
         }
-        Ok((self.pool.checkout(wait).await?, choice, None))
+        let server = self.pool.checkout(wait).await?;
+        Ok((
+            server,
+            choice,
+            self.replayable_unit().map(Resend::BeforeCompletion),
+        ))
+    }
+
+    /// A copy of the client's next unit, if it could run again on another server (and
+    /// is at most [`HOLD_LIMIT`] long: a huge unit is not copied).
+    fn replayable_unit(&self) -> Option<Bytes> {
+        let rbuf = &self.client.rbuf;
+        replayable_len(rbuf, &self.statements, self.cfg.max_message_size)
+            .filter(|n| *n <= HOLD_LIMIT)
+            .map(|n| Bytes::copy_from_slice(&rbuf[..n]))
     }
 
     async fn link(
         &mut self,
         mut server: PooledServer,
         choice: Choice,
-        replay: Option<Bytes>,
+        replay: Option<Resend>,
     ) -> LinkEnd {
         let replica = match (&self.replicas, choice.target) {
             (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
@@ -1043,14 +1191,13 @@ impl Session<'_> {
                     return LinkEnd::Ended(DisconnectReason::LoginFailed);
                 }
                 Err(_) => {
+                    // Nothing of the client's was sent yet: route the unit again.
                     server.dirty = true;
+                    server.peer_closed = true;
                     if let (Some(r), Some(set)) = (&replica, &self.replicas) {
-                        // Nothing of the client's was sent yet: route the unit again.
                         set.topology.lost_before_answer(r);
-                        return LinkEnd::Retry(Bytes::new());
                     }
-                    self.client.server_lost().await;
-                    return LinkEnd::Ended(DisconnectReason::ServerClosed);
+                    return LinkEnd::Retry(Bytes::new());
                 }
             }
         }
@@ -1088,6 +1235,10 @@ impl Session<'_> {
             pool.histograms.transaction.record(took.as_secs_f64());
         }
         drop(server);
+        if let LinkEnd::Retry(_) = end {
+            pool.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(db = %pool.database, user = %pool.user, "server died before answering; the unit runs again on another server");
+        }
         if let Some(set) = &self.replicas {
             let stats = &set.topology.stats;
             match &replica {
@@ -1101,6 +1252,9 @@ impl Session<'_> {
                     stats.replica.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
+                    if let LinkEnd::Retry(_) = end {
+                        return end;
+                    }
                     stats.primary.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1133,7 +1287,7 @@ impl Session<'_> {
         server: &mut Server,
         pool: &Pool,
         one_unit: bool,
-        replay: Option<Bytes>,
+        replay: Option<Resend>,
     ) -> LinkEnd {
         let mut counters = LinkCounters::default();
         let end = self
@@ -1163,14 +1317,24 @@ impl Session<'_> {
         server: &mut Server,
         pool: &Pool,
         one_unit: bool,
-        mut replay: Option<Bytes>,
+        mut replay: Option<Resend>,
         counters: &mut LinkCounters,
     ) -> LinkEnd {
         let max = self.cfg.max_message_size;
         let histograms = &pool.histograms;
         // KILL ends the client in the middle of a transaction too.
         let entry = self.entry;
-        let idle_tx_timeout = self.shared.config.load().idle_transaction_timeout;
+        let shutdown = &self.shared.shutdown;
+        let (idle_tx_timeout, query_timeout) = {
+            let cfg = self.shared.config.load();
+            (cfg.idle_transaction_timeout, cfg.query_timeout)
+        };
+        // Armed while a request is unanswered (only when configured): at the deadline the
+        // query is cancelled; if the server has not answered QUERY_CANCEL_GRACE later, it
+        // is given up.
+        let mut query_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut query_timer_for: Option<std::time::Instant> = None;
+        let mut cancel_sent = false;
         // Armed while the client sits idle inside a transaction (only when configured).
         let mut idle_tx_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut was_idle_in_tx = false;
@@ -1178,6 +1342,7 @@ impl Session<'_> {
         let params = &mut self.params;
         let statements = &mut self.statements;
         let skip_to_sync = &mut self.skip_to_sync;
+        let skip_at_start = *skip_to_sync;
         let registry = &self.pool.statements;
         let stats = &self.pool.stats;
         let max_prepared = self.cfg.max_prepared_statements;
@@ -1277,6 +1442,18 @@ impl Session<'_> {
                 }
             }
             was_idle_in_tx = idle_in_tx;
+            if !query_timeout.is_zero() && query_start != query_timer_for {
+                query_timer_for = query_start;
+                cancel_sent = false;
+                if let Some(t) = query_start {
+                    let at = tokio::time::Instant::from_std(t + query_timeout);
+                    match query_timer.as_mut() {
+                        Some(timer) => timer.as_mut().reset(at),
+                        None => query_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+            }
+            let query_running = query_timer_for.is_some();
             enum Ev {
                 ClientRead(std::io::Result<usize>),
                 ServerRead(std::io::Result<usize>),
@@ -1284,6 +1461,7 @@ impl Session<'_> {
                 ClientWrite(std::io::Result<usize>),
                 Killed,
                 IdleInTransaction,
+                QueryTimeout,
             }
             let ev = {
                 let cs = &client.stream;
@@ -1293,6 +1471,8 @@ impl Session<'_> {
                 let can_read_client =
                     !client_done && rbuf.len() < OUT_LIMIT && to_server.len() < OUT_LIMIT;
                 let can_read_server = wbuf.len() < OUT_LIMIT;
+                // A resendable unit's answer is held back: if the unit runs again the
+                // client sees only the second answer.
                 let hold = replay.is_some();
                 let to_server = &mut *to_server;
                 tokio::select! {
@@ -1302,6 +1482,7 @@ impl Session<'_> {
                     r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
                     _ = entry.killed() => Ev::Killed,
                     _ = expired(&mut idle_tx_timer), if idle_in_tx => Ev::IdleInTransaction,
+                    _ = expired(&mut query_timer), if query_running => Ev::QueryTimeout,
                 }
             };
             match ev {
@@ -1311,15 +1492,39 @@ impl Session<'_> {
                 Ev::ClientRead(Ok(_)) => {}
                 Ev::ServerRead(Ok(0) | Err(_)) | Ev::ServerWrite(Err(_)) => {
                     server.dirty = true;
-                    if let Some(unit) = replay.take() {
+                    server.peer_closed = true;
+                    if let Some(unit) = replay.take().filter(|r| resend_allowed(r, query_start)) {
                         client.wbuf.truncate(reply_start);
-                        return LinkEnd::Retry(unit);
+                        *skip_to_sync = skip_at_start;
+                        return LinkEnd::Retry(unit.into_unit());
                     }
+                    tracing::info!(db = %pool.database, user = %pool.user, client = entry.id, running_for = ?query_start.map(|t| t.elapsed()), "server connection lost under a client");
                     client.server_lost().await;
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
                 Ev::ServerRead(Ok(n)) => {
                     counters.from_server += n as u64;
+                    if let Some(r @ Resend::BeforeCompletion(_)) = &replay {
+                        // Past the window the answer is not held any longer either.
+                        let allowed = resend_allowed(r, query_start);
+                        match early_answer(&server.buf) {
+                            Early::Pending if allowed => continue, // held, not yet scanned
+                            Early::Pending => replay = None,
+                            Early::Death if allowed => {
+                                server.dirty = true;
+                                server.peer_closed = true;
+                                client.wbuf.truncate(reply_start);
+                                *skip_to_sync = skip_at_start;
+                                let unit = replay.take().map(Resend::into_unit);
+                                return LinkEnd::Retry(unit.unwrap_or_default());
+                            }
+                            Early::Death => {
+                                tracing::info!(after = ?query_start.map(|t| t.elapsed()), "server terminated while running a unit; the client gets the error");
+                                replay = None;
+                            }
+                            Early::Answered => replay = None,
+                        }
+                    }
                     let readies = server.readies;
                     let scanned = scan_server(server, &mut client.wbuf, params, statements);
                     if server.readies != readies {
@@ -1381,15 +1586,112 @@ impl Session<'_> {
                         .await;
                     return LinkEnd::Ended(DisconnectReason::IdleTransactionTimeout);
                 }
+                Ev::QueryTimeout if server.expect.is_empty() => {
+                    // Everything asked was answered; the server waits for the client
+                    // (an extended-protocol batch not yet synced). Nothing to cancel.
+                    if let Some(t) = query_timer.as_mut() {
+                        t.as_mut()
+                            .reset(tokio::time::Instant::now() + query_timeout);
+                    }
+                }
+                Ev::QueryTimeout if !cancel_sent => {
+                    // Cancel it as a client's CancelRequest would: the client gets 57014
+                    // and its session goes on. The cancel lock keeps the server from
+                    // being released to anyone else while the cancel is in flight.
+                    cancel_sent = true;
+                    pool.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(db = %pool.database, user = %pool.user, client = entry.id, timeout = ?query_timeout, "query_timeout: cancelling the query");
+                    let target = server.cancel.clone();
+                    if let Ok(guard) = target.lock.clone().try_lock_owned() {
+                        tokio::spawn(async move {
+                            let _held = guard;
+                            let _ = send_cancel(&target, QUERY_CANCEL_GRACE).await;
+                        });
+                    }
+                    if let Some(t) = query_timer.as_mut() {
+                        t.as_mut()
+                            .reset(tokio::time::Instant::now() + QUERY_CANCEL_GRACE);
+                    }
+                }
+                Ev::QueryTimeout => {
+                    // No answer to the cancel either: the server is lost (a network cut,
+                    // a hung host). It goes back busy: the pool cancels again and closes it.
+                    client
+                        .fail(
+                            Severity::Fatal,
+                            sqlstate::QUERY_CANCELED,
+                            "canceling statement due to query_timeout (the server did not answer the cancel)",
+                        )
+                        .await;
+                    return LinkEnd::Ended(DisconnectReason::QueryTimeout);
+                }
                 Ev::Killed => {
                     // The pool cancels a running query and closes the server (KILL bumped
                     // its generation); half a message sent means the stream is unusable.
                     if !to_server.is_empty() {
                         server.dirty = true;
                     }
+                    if shutdown.is_cancelled() {
+                        // The drain's shutdown_timeout ran out with this client mid-transaction.
+                        client
+                            .fail(
+                                Severity::Fatal,
+                                sqlstate::ADMIN_SHUTDOWN,
+                                "pgmux is shutting down (shutdown_timeout reached)",
+                            )
+                            .await;
+                        return LinkEnd::Ended(DisconnectReason::Shutdown);
+                    }
                     return LinkEnd::Ended(client.killed().await);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_answer_tells_death_from_completion() {
+        let death = |buf: &mut BytesMut| {
+            msg::error_response(
+                buf,
+                Severity::Fatal,
+                "57P01",
+                "terminating connection due to administrator command",
+            )
+        };
+        // The FATAL alone, or after a row description and rows: nothing completed.
+        let mut b = BytesMut::new();
+        death(&mut b);
+        assert_eq!(early_answer(&b), Early::Death);
+        let mut b = BytesMut::new();
+        msg::row_description(&mut b, &[("abalance", 23, 0)]);
+        msg::data_row(&mut b, &[Some("1".into())]);
+        death(&mut b);
+        assert_eq!(early_answer(&b), Early::Death);
+        // Incomplete: wait.
+        assert_eq!(early_answer(&b[..b.len() - 3]), Early::Pending);
+        assert_eq!(early_answer(&b[..3]), Early::Pending);
+        assert_eq!(early_answer(&[]), Early::Pending);
+        // A CommandComplete before it: the statement may have committed.
+        let mut b = BytesMut::new();
+        msg::command_complete(&mut b, "INSERT 0 1");
+        death(&mut b);
+        assert_eq!(early_answer(&b), Early::Answered);
+        // An ordinary error, or a FATAL that is not a termination, is an answer.
+        let mut b = BytesMut::new();
+        msg::error_response(&mut b, Severity::Error, "23505", "duplicate key");
+        assert_eq!(early_answer(&b), Early::Answered);
+        let mut b = BytesMut::new();
+        msg::error_response(&mut b, Severity::Fatal, "53300", "too many");
+        assert_eq!(early_answer(&b), Early::Answered);
+        // More than HOLD_LIMIT of rows: not held.
+        let mut b = BytesMut::new();
+        let big = "x".repeat(HOLD_LIMIT);
+        msg::data_row(&mut b, &[Some(big)]);
+        assert_eq!(early_answer(&b[..10]), Early::Answered);
     }
 }
