@@ -176,7 +176,11 @@ fn serve(config: Config, flags: Flags) -> ExitCode {
             loop {
                 tokio::select! {
                     _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
-                    _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+                    _ = int.recv() => {
+                        tracing::info!("SIGINT: fast shutdown (running transactions are cancelled)");
+                        shared.fast_shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
                     _ = hup.recv() => {
                         tracing::info!("SIGHUP: reloading the configuration");
                         // Errors are logged by reload; the running configuration stays.

@@ -479,3 +479,63 @@ fn server_connect_timeout_fires_on_a_silent_server() {
     );
     drop(held);
 }
+
+/// SIGINT is the fast drain: transactions are not waited for (shutdown_timeout is the
+/// default 30s here); running queries are cancelled, open transactions rolled back,
+/// every client told 57P01, exit 0.
+#[test]
+fn sigint_is_the_fast_shutdown() {
+    let db = TestDb::new("fast_stop");
+    db.setup("CREATE TABLE t (v int)");
+    let mut px = db.pgmux(&[]);
+    let mut in_tx = db.raw(&px);
+    assert!(error_of(&in_tx.simple_query("BEGIN; INSERT INTO t VALUES (1)")).is_none());
+    let mut running = db.raw(&px);
+    running.send(&RawConn::query_message("SELECT pg_sleep(60)"));
+    let mut idle = db.raw(&px);
+    assert_eq!(first_value(&idle.simple_query("SELECT 1")), "1");
+    wait_until("the query to run", Duration::from_secs(10), || {
+        let n = db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'active'",
+            db.user
+        ));
+        if n.trim() == "1" {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    });
+    let started = Instant::now();
+    px.signal(2);
+    for (name, conn) in [
+        ("in_tx", &mut in_tx),
+        ("running", &mut running),
+        ("idle", &mut idle),
+    ] {
+        let mut fatal = None;
+        while let Some((tag, body)) = conn.read_message() {
+            if tag == b'E' {
+                fatal = Some(RawConn::error_fields(&body));
+                break;
+            }
+        }
+        let fatal = fatal.unwrap_or_else(|| panic!("{name}: no ErrorResponse"));
+        assert_eq!(fatal[&'C'], "57P01", "{name}: {fatal:?}");
+        assert!(fatal[&'M'].contains("shutting down"), "{name}: {fatal:?}");
+    }
+    let status = px.wait_exit(Duration::from_secs(15)).expect("pgmux exits");
+    assert!(status.success(), "{status:?}\n{}", px.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "did not wait for shutdown_timeout"
+    );
+    assert_eq!(db.psql("SELECT count(*) FROM t").trim(), "0", "rolled back");
+    wait_until(
+        "no backend left",
+        Duration::from_secs(5),
+        || match backends(&db) {
+            0 => Ok(()),
+            n => Err(format!("{n} backends")),
+        },
+    );
+}

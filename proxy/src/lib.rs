@@ -66,6 +66,8 @@ pub struct Shared {
     pub cancel: Arc<CancelRegistry>,
     pub clients: AtomicUsize,
     pub shutdown: CancellationToken,
+    /// SIGINT: the drain does not wait for transactions (set before `shutdown` fires).
+    pub fast_shutdown: std::sync::atomic::AtomicBool,
     /// Classifies SQL as read-only or not, for read routing.
     pub router: Router,
     /// Per database with replicas: health and replay positions.
@@ -116,6 +118,7 @@ impl Shared {
             cancel: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
+            fast_shutdown: std::sync::atomic::AtomicBool::new(false),
             verifiers: DashMap::new(),
             mock_secret,
             metrics,
@@ -403,7 +406,14 @@ impl Proxy {
         let queued = self.accept_queued();
         drop(self.listener);
         self.tracker.close();
-        let timeout = shared.config.load().shutdown_timeout;
+        let timeout = if shared
+            .fast_shutdown
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Duration::ZERO
+        } else {
+            shared.config.load().shutdown_timeout
+        };
         if queued > 0 {
             tracing::info!(clients = queued, "accepted the clients queued at shutdown");
         }

@@ -1027,7 +1027,7 @@ impl Session<'_> {
                 tokio::select! {
                     biased;
                     _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
-                    _ = self.entry.killed() => return self.client.killed().await,
+                    _ = self.entry.killed() => return self.killed().await,
                     _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
@@ -1066,7 +1066,7 @@ impl Session<'_> {
                 // its transaction: it is told, like an idle one, and nothing runs (a fresh
                 // client gets FIRST_TRANSACTION_GRACE first, as when idle).
                 _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
-                _ = self.entry.killed() => return self.client.killed().await,
+                _ = self.entry.killed() => return self.killed().await,
                 _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
                 r = self.checkout() => r,
             };
@@ -1157,6 +1157,15 @@ impl Session<'_> {
             choice,
             self.replayable_unit().map(Resend::BeforeCompletion),
         ))
+    }
+
+    /// KILL, or the end of the drain (shutdown_timeout, SIGINT) reaching this client.
+    async fn killed(&mut self) -> DisconnectReason {
+        if self.shared.shutdown.is_cancelled() {
+            self.client.shutting_down().await
+        } else {
+            self.client.killed().await
+        }
     }
 
     /// A copy of the client's next unit, if it could run again on another server (and
@@ -1632,13 +1641,15 @@ impl Session<'_> {
                         server.dirty = true;
                     }
                     if shutdown.is_cancelled() {
-                        // The drain's shutdown_timeout ran out with this client mid-transaction.
+                        // The drain's shutdown_timeout ran out with this client
+                        // mid-transaction, or a fast shutdown (SIGINT) did not wait.
+                        let text = if self.shared.fast_shutdown.load(Ordering::Relaxed) {
+                            "pgmux is shutting down (fast shutdown)"
+                        } else {
+                            "pgmux is shutting down (shutdown_timeout reached)"
+                        };
                         client
-                            .fail(
-                                Severity::Fatal,
-                                sqlstate::ADMIN_SHUTDOWN,
-                                "pgmux is shutting down (shutdown_timeout reached)",
-                            )
+                            .fail(Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, text)
                             .await;
                         return LinkEnd::Ended(DisconnectReason::Shutdown);
                     }
