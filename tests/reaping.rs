@@ -221,7 +221,22 @@ fn signal_backend(pid: &str, sig: &str) {
     assert!(st.success(), "kill -{sig} {pid}");
 }
 
-/// Reads until ReadyForQuery; returns the first ErrorResponse's fields, if any.
+/// Waits until one statement of the test user runs on the primary.
+fn wait_for_one_active_query(db: &TestDb) {
+    wait_until("the query to run", Duration::from_secs(10), || {
+        let n = db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'active'",
+            db.user
+        ));
+        if n.trim() == "1" {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    });
+}
+
+/// The first ErrorResponse's fields among `msgs`, if any.
 fn error_of(msgs: &[(u8, Vec<u8>)]) -> Option<std::collections::BTreeMap<char, String>> {
     msgs.iter()
         .find(|(t, _)| *t == b'E')
@@ -271,13 +286,7 @@ fn query_timeout_cancels_the_query_and_the_session_goes_on() {
     let pid = first_value(&raw.simple_query("SELECT pg_backend_pid()"));
     signal_backend(&pid, "STOP");
     raw.send(&RawConn::query_message("SELECT 2"));
-    let mut fatal = None;
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            fatal = Some(RawConn::error_fields(&body));
-            break;
-        }
-    }
+    let fatal = raw.next_error();
     signal_backend(&pid, "CONT");
     let fatal = fatal.expect("an ErrorResponse");
     assert_eq!(fatal[&'C'], "57014", "{fatal:?}");
@@ -341,26 +350,10 @@ fn shutdown_timeout_cancels_what_still_runs() {
     let mut px = db.pgmux_env(&[], &[("PGMUX_SHUTDOWN_TIMEOUT", "1s")]);
     let mut raw = db.raw(&px);
     raw.send(&RawConn::query_message("SELECT pg_sleep(60)"));
-    wait_until("the query to run", Duration::from_secs(10), || {
-        let n = db.psql(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'active'",
-            db.user
-        ));
-        if n.trim() == "1" {
-            Ok(())
-        } else {
-            Err(n)
-        }
-    });
+    wait_for_one_active_query(&db);
     px.signal(15);
     // The transaction may finish for shutdown_timeout; then the client is told.
-    let mut fatal = None;
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            fatal = Some(RawConn::error_fields(&body));
-            break;
-        }
-    }
+    let fatal = raw.next_error();
     let fatal = fatal.expect("an ErrorResponse before the close");
     assert_eq!(fatal[&'C'], "57P01", "{fatal:?}");
     assert!(fatal[&'M'].contains("shutdown_timeout"), "{fatal:?}");
@@ -397,13 +390,7 @@ fn a_restart_under_a_running_statement_reports_it() {
     std::thread::sleep(Duration::from_millis(1500));
     let node = db.cluster.primary();
     node.stop();
-    let mut first_error = None;
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            first_error = Some(RawConn::error_fields(&body));
-            break;
-        }
-    }
+    let first_error = raw.next_error();
     let e = first_error.expect("an error, not a silent close or a hang");
     assert_eq!(e[&'C'], "57P01", "{e:?}");
     node.start();
@@ -420,13 +407,7 @@ fn client_login_timeout_ends_a_stalled_login() {
     // The client starts a login and never answers the password request.
     let mut raw = RawConn::connect(px.port());
     raw.startup(&db.user, &db.db, &[]);
-    let mut error = None;
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            error = Some(RawConn::error_fields(&body));
-            break;
-        }
-    }
+    let error = raw.next_error();
     let e = error.expect("an ErrorResponse");
     assert_eq!(e[&'C'], "08000", "{e:?}");
     assert_eq!(e[&'S'], "FATAL", "{e:?}");
@@ -494,17 +475,7 @@ fn sigint_is_the_fast_shutdown() {
     running.send(&RawConn::query_message("SELECT pg_sleep(60)"));
     let mut idle = db.raw(&px);
     assert_eq!(first_value(&idle.simple_query("SELECT 1")), "1");
-    wait_until("the query to run", Duration::from_secs(10), || {
-        let n = db.psql(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND state = 'active'",
-            db.user
-        ));
-        if n.trim() == "1" {
-            Ok(())
-        } else {
-            Err(n)
-        }
-    });
+    wait_for_one_active_query(&db);
     let started = Instant::now();
     px.signal(2);
     for (name, conn) in [
@@ -512,14 +483,9 @@ fn sigint_is_the_fast_shutdown() {
         ("running", &mut running),
         ("idle", &mut idle),
     ] {
-        let mut fatal = None;
-        while let Some((tag, body)) = conn.read_message() {
-            if tag == b'E' {
-                fatal = Some(RawConn::error_fields(&body));
-                break;
-            }
-        }
-        let fatal = fatal.unwrap_or_else(|| panic!("{name}: no ErrorResponse"));
+        let fatal = conn
+            .next_error()
+            .unwrap_or_else(|| panic!("{name}: no ErrorResponse"));
         assert_eq!(fatal[&'C'], "57P01", "{name}: {fatal:?}");
         assert!(fatal[&'M'].contains("shutting down"), "{name}: {fatal:?}");
     }

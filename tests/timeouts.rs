@@ -13,17 +13,8 @@ use support::{first_value, RawConn, TestDb};
 /// Reads messages until an ErrorResponse arrives (or the connection closes); returns its
 /// fields.
 fn wait_error(raw: &mut RawConn) -> std::collections::BTreeMap<char, String> {
-    next_error(raw).expect("connection closed without an ErrorResponse")
-}
-
-/// Reads until an ErrorResponse (its fields) or the end of the connection (None).
-fn next_error(raw: &mut RawConn) -> Option<std::collections::BTreeMap<char, String>> {
-    while let Some((tag, body)) = raw.read_message() {
-        if tag == b'E' {
-            return Some(RawConn::error_fields(&body));
-        }
-    }
-    None
+    raw.next_error()
+        .expect("connection closed without an ErrorResponse")
 }
 
 #[test]
@@ -240,7 +231,7 @@ fn clients_wait_through_a_primary_restart() {
 
 /// The SQLSTATE of the next ErrorResponse, if one comes before the connection ends.
 fn goodbye(raw: &mut RawConn) -> Option<String> {
-    next_error(raw).and_then(|f| f.get(&'C').cloned())
+    raw.next_error().and_then(|f| f.get(&'C').cloned())
 }
 
 #[test]

@@ -1146,6 +1146,16 @@ impl RawConn {
         }
     }
 
+    /// Reads until an ErrorResponse (its fields) or the end of the connection (None).
+    pub fn next_error(&mut self) -> Option<BTreeMap<char, String>> {
+        while let Some((tag, body)) = self.read_message() {
+            if tag == b'E' {
+                return Some(Self::error_fields(&body));
+            }
+        }
+        None
+    }
+
     /// Reads messages up to and including ReadyForQuery ('Z'). Panics if the
     /// connection closes first (listing what was received).
     pub fn read_until_ready(&mut self) -> Vec<Message> {
