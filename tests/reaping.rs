@@ -435,29 +435,42 @@ fn server_connect_timeout_fires_on_a_silent_server() {
         &[],
         &[
             ("DATABASE_URL", url.as_str()),
-            ("PGMUX_SERVER_CONNECT_TIMEOUT", "500ms"),
+            ("PGMUX_SERVER_CONNECT_TIMEOUT", "60s"),
             ("PGMUX_SERVER_LOGIN_RETRY", "0"),
         ],
     );
-    let started = Instant::now();
-    let mut raw = RawConn::connect(px.port());
-    raw.startup("app", "app", &[]);
-    // pgmux authenticates the client itself, then needs a server (the first login also
-    // learns the server's parameters): the error comes during or right after the login.
-    let e = match raw.try_scram_login("app", "secret") {
-        Err(fields) => fields,
-        Ok(_) => {
-            raw.send(&RawConn::query_message("SELECT 1"));
-            let msgs = raw.read_until_ready();
-            error_of(&msgs).unwrap_or_else(|| panic!("an ErrorResponse\n{}", px.log()))
+    let attempt = |port: u16| {
+        let mut raw = RawConn::connect(port);
+        raw.startup("app", "app", &[]);
+        // pgmux authenticates the client itself, then needs a server (the first login
+        // also learns the server's parameters): the error comes during or right after.
+        match raw.try_scram_login("app", "secret") {
+            Err(fields) => Some(fields),
+            Ok(_) => {
+                raw.send(&RawConn::query_message("SELECT 1"));
+                error_of(&raw.read_until_ready())
+            }
         }
     };
+    // A first client waits on a connect that has 60s (its pool now exists).
+    let pgmux_port = px.port();
+    let waiting = std::thread::spawn(move || attempt(pgmux_port));
+    std::thread::sleep(Duration::from_millis(500));
+    // The timeout is lowered live: it applies to the pool's next connect.
+    let r = ureq::patch(format!("{}/api/v1/config", px.admin_url()))
+        .header("content-type", "application/json")
+        .send(r#"{"server_connect_timeout": "500ms"}"#)
+        .expect("PATCH /api/v1/config");
+    assert_eq!(r.status(), 200);
+    let started = Instant::now();
+    let e = attempt(px.port()).unwrap_or_else(|| panic!("an ErrorResponse\n{}", px.log()));
     assert_eq!(e[&'C'], "08006", "{e:?}");
     assert!(e[&'M'].contains("timed out"), "{e:?}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
-        "it did not wait for the client_login_timeout"
+        "the lowered server_connect_timeout did not apply"
     );
+    assert!(!waiting.is_finished(), "the first connect keeps its 60s");
     drop(held);
 }
 

@@ -322,6 +322,7 @@ impl Shared {
             p.set_min_size(min.unwrap_or(cfg.min_pool_size));
             p.set_lifetime(cfg.server_lifetime);
             p.set_check_delay(cfg.server_check_delay);
+            p.set_connect_settings(cfg.server_connect_timeout, &cfg.tcp);
             if p.role == Role::Primary {
                 p.set_login_retry(cfg.server_login_retry);
             }

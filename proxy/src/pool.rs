@@ -218,8 +218,10 @@ pub struct Pool {
     /// Open server connections, for listings.
     pub servers: DashMap<u64, Arc<ServerEntry>>,
     pub histograms: PoolHistograms,
-    connect_timeout: Duration,
-    tcp: TcpSettings,
+    /// server_connect_timeout in milliseconds (live).
+    connect_timeout_ms: AtomicU64,
+    /// Keepalive settings for servers opened from now on (live).
+    tcp: ArcSwap<TcpSettings>,
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
     startup_params: ArcSwapOption<ServerParams>,
@@ -294,8 +296,8 @@ impl Pool {
             clients: AtomicUsize::new(0),
             servers: DashMap::new(),
             histograms: settings.histograms,
-            connect_timeout: settings.connect_timeout,
-            tcp: settings.tcp,
+            connect_timeout_ms: AtomicU64::new(settings.connect_timeout.as_millis() as u64),
+            tcp: ArcSwap::from_pointee(settings.tcp),
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 total: 0,
@@ -499,8 +501,8 @@ impl Pool {
             &addr,
             &self.user,
             password.as_deref(),
-            self.connect_timeout,
-            &self.tcp,
+            self.connect_timeout(),
+            &self.tcp.load(),
         )
         .await;
         self.connecting.fetch_sub(1, Ordering::Relaxed);
@@ -568,6 +570,19 @@ impl Pool {
             .store(retry.as_millis() as u64, Ordering::Relaxed);
     }
 
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// server_connect_timeout and the TCP settings, for servers opened from now on.
+    pub fn set_connect_settings(&self, timeout: Duration, tcp: &TcpSettings) {
+        self.connect_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+        if **self.tcp.load() != *tcp {
+            self.tcp.store(Arc::new(tcp.clone()));
+        }
+    }
+
     pub fn set_check_delay(&self, delay: Duration) {
         self.check_delay_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);
@@ -583,7 +598,7 @@ impl Pool {
 
     async fn passes_check(&self, server: &mut Server) -> bool {
         let ok = matches!(
-            tokio::time::timeout(self.connect_timeout, server.ping()).await,
+            tokio::time::timeout(self.connect_timeout(), server.ping()).await,
             Ok(Ok(()))
         );
         if !ok {
