@@ -56,6 +56,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
+pub mod authfile;
 mod file;
 mod pgurl;
 mod render;
@@ -63,6 +64,7 @@ mod scalar;
 #[cfg(test)]
 mod tests;
 
+pub use authfile::AuthSecret;
 use pgurl::ParsedUrl;
 use scalar::{Raw, Scalars, Sourced};
 
@@ -129,6 +131,12 @@ pub struct Config {
     pub query_timeout: Duration,
     /// TCP keepalive on client and server sockets.
     pub tcp: TcpSettings,
+    /// `auth_file`: users and secrets in PgBouncer's userlist.txt format; re-read by
+    /// every load (start-up, reload).
+    pub auth_file: Option<PathBuf>,
+    /// The auth file's entries (empty without one). A `[users.NAME] password` or a
+    /// password in a URL wins over the entry for the same user.
+    pub auth_users: BTreeMap<String, AuthSecret>,
     /// Default 64 MiB; `1024 ..= 1 GiB`.
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
@@ -141,6 +149,12 @@ pub struct Config {
     pub read_routing: ReadRouting,
     /// Scope of read-your-writes after a write commits; default [`ReadYourWrites::User`].
     pub read_your_writes: ReadYourWrites,
+    /// How pgmux logs in to PostgreSQL; default [`ServerAuth::Password`]. Read when a
+    /// pool is created (a reload applies it to pools created afterwards).
+    pub server_auth: ServerAuth,
+    /// AWS region for `server_auth = "rds_iam"` tokens; default none (the proxy then
+    /// uses `AWS_REGION`, then `AWS_DEFAULT_REGION`).
+    pub aws_region: Option<String>,
     /// A replica whose replay lags the primary by more than this is taken out of
     /// rotation until it catches up; default 10s, `> 0`.
     pub max_replica_lag: Duration,
@@ -282,6 +296,35 @@ impl ReadRouting {
 impl fmt::Display for ReadRouting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// How pgmux authenticates its own connections to PostgreSQL (`server_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerAuth {
+    /// `"password"` (default): the password from the URL, `[users.NAME]` or auth file.
+    #[default]
+    Password,
+    /// `"rds_iam"`: a fresh AWS RDS IAM token (SigV4, 15 minutes valid) as the password.
+    RdsIam,
+}
+
+impl ServerAuth {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerAuth::Password => "password",
+            ServerAuth::RdsIam => "rds_iam",
+        }
+    }
+
+    /// Parse the configuration spelling (surrounding whitespace and case ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "password" => Some(ServerAuth::Password),
+            "rds_iam" => Some(ServerAuth::RdsIam),
+            _ => None,
+        }
     }
 }
 
@@ -509,11 +552,15 @@ impl Default for Config {
             server_check_delay: Duration::from_secs(30),
             query_timeout: Duration::ZERO,
             tcp: TcpSettings::default(),
+            auth_file: None,
+            auth_users: BTreeMap::new(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
             read_routing: ReadRouting::Auto,
             read_your_writes: ReadYourWrites::User,
+            server_auth: ServerAuth::Password,
+            aws_region: None,
             max_replica_lag: DEFAULT_MAX_REPLICA_LAG,
             replica_check_interval: DEFAULT_REPLICA_CHECK_INTERVAL,
             write_functions: Vec::new(),
@@ -528,6 +575,24 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The password pgmux logs in to servers with as `user`: the `[users]` or URL
+    /// password, else a plain or MD5 `auth_file` entry (an MD5 hash serves MD5 server
+    /// logins only). None for a SCRAM entry: those log in with the client's keys.
+    pub fn server_password(&self, user: &str) -> Option<&Secret> {
+        if let Some(p) = self.users.get(user).and_then(|u| u.password.as_ref()) {
+            return Some(p);
+        }
+        match self.auth_users.get(user)? {
+            AuthSecret::Password(p) | AuthSecret::Md5(p) => Some(p),
+            AuthSecret::Scram(_) => None,
+        }
+    }
+
+    /// Whether `user` is configured at all: in `[users]`, a URL or the auth file.
+    pub fn knows_user(&self, user: &str) -> bool {
+        self.users.contains_key(user) || self.auth_users.contains_key(user)
+    }
+
     /// Effective pool size for (database, user): database override > user override > global pool_size.
     pub fn pool_size_for(&self, database: &str, user: &str) -> usize {
         self.databases
@@ -646,12 +711,15 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),
     ("PGMUX_READ_ROUTING", "read_routing"),
     ("PGMUX_READ_YOUR_WRITES", "read_your_writes"),
+    ("PGMUX_SERVER_AUTH", "server_auth"),
+    ("PGMUX_AWS_REGION", "aws_region"),
     ("PGMUX_MAX_REPLICA_LAG", "max_replica_lag"),
     ("PGMUX_REPLICA_CHECK_INTERVAL", "replica_check_interval"),
     ("PGMUX_WRITE_FUNCTIONS", "write_functions"),
     ("PGMUX_MIN_POOL_SIZE", "min_pool_size"),
     ("PGMUX_ADMIN_USERS", "admin_users"),
     ("PGMUX_STATS_USERS", "stats_users"),
+    ("PGMUX_AUTH_FILE", "auth_file"),
     ("PGMUX_ADMIN_LISTEN", "admin.listen"),
     ("PGMUX_ADMIN_TOKEN", "admin.token"),
     ("PGMUX_ADMIN_PROTECT_READS", "admin.protect_reads"),

@@ -91,12 +91,21 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("max_prepared_statements", int(c.max_prepared_statements)),
         ("read_routing", s(c.read_routing.as_str())),
         ("read_your_writes", s(c.read_your_writes.as_str())),
+        ("server_auth", s(c.server_auth.as_str())),
+        ("aws_region", s(c.aws_region.as_deref().unwrap_or(""))),
         ("max_replica_lag", duration(c.max_replica_lag)),
         ("replica_check_interval", duration(c.replica_check_interval)),
         ("write_functions", list(&c.write_functions)),
         ("admin_users", list(&c.admin_users)),
         ("stats_users", list(&c.stats_users)),
     ]
+    .into_iter()
+    .chain(
+        c.auth_file
+            .as_ref()
+            .map(|p| ("auth_file", s(&p.display().to_string()))),
+    )
+    .collect()
 }
 
 /// `[admin]` settings (token redacted).

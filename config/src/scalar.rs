@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret,
+    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret, ServerAuth,
     MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE,
     MIN_REPLICA_CHECK_INTERVAL,
 };
@@ -104,11 +104,14 @@ pub(crate) struct Scalars {
     max_prepared_statements: Option<Sourced<usize>>,
     read_routing: Option<Sourced<ReadRouting>>,
     read_your_writes: Option<Sourced<ReadYourWrites>>,
+    server_auth: Option<Sourced<ServerAuth>>,
+    aws_region: Option<Sourced<Option<String>>>,
     max_replica_lag: Option<Sourced<Duration>>,
     replica_check_interval: Option<Sourced<Duration>>,
     write_functions: Option<Sourced<Vec<String>>>,
     min_pool_size: Option<Sourced<usize>>,
     admin_users: Option<Sourced<Vec<String>>>,
+    auth_file: Option<Sourced<String>>,
     stats_users: Option<Sourced<Vec<String>>>,
     admin_listen: Option<Sourced<SocketAddr>>,
     admin_token: Option<Sourced<Secret>>,
@@ -142,12 +145,15 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "max_prepared_statements",
     "read_routing",
     "read_your_writes",
+    "server_auth",
+    "aws_region",
     "max_replica_lag",
     "replica_check_interval",
     "write_functions",
     "min_pool_size",
     "admin_users",
     "stats_users",
+    "auth_file",
 ];
 
 /// Keys of the `[admin]` table.
@@ -217,6 +223,8 @@ impl Scalars {
             "read_your_writes" => {
                 self.read_your_writes = wrap(parse_read_your_writes(raw), key, &origin)?
             }
+            "server_auth" => self.server_auth = wrap(parse_server_auth(raw), key, &origin)?,
+            "aws_region" => self.aws_region = wrap(parse_aws_region(raw), key, &origin)?,
             "write_functions" => {
                 self.write_functions = wrap(parse_function_names(raw), key, &origin)?
             }
@@ -224,6 +232,12 @@ impl Scalars {
             "tcp_keepalive" => self.tcp_keepalive = wrap(parse_bool(raw), key, &origin)?,
             "tcp_keepcnt" => self.tcp_keepcnt = wrap(parse_usize(raw), key, &origin)?,
             "admin_users" => self.admin_users = wrap(parse_user_names(raw), key, &origin)?,
+            "auth_file" => {
+                let Raw::Str(path) = raw else {
+                    return Err(err(format!("expected a file path, got {}", raw.describe())));
+                };
+                self.auth_file = Some(Sourced::new(path.trim().to_string(), key, origin.clone()));
+            }
             "stats_users" => self.stats_users = wrap(parse_user_names(raw), key, &origin)?,
             "admin.listen" => self.admin_listen = wrap(parse_listen(raw), key, &origin)?,
             "admin.protect_reads" => {
@@ -375,6 +389,12 @@ impl Scalars {
         if let Some(v) = self.read_your_writes {
             c.read_your_writes = v.value;
         }
+        if let Some(v) = self.server_auth {
+            c.server_auth = v.value;
+        }
+        if let Some(v) = self.aws_region {
+            c.aws_region = v.value;
+        }
         if let Some(v) = self.max_replica_lag {
             if v.value.is_zero() {
                 return Err(v.err("must be greater than zero"));
@@ -392,6 +412,11 @@ impl Scalars {
         }
         if let Some(v) = self.write_functions {
             c.write_functions = v.value;
+        }
+        if let Some(v) = self.auth_file {
+            let path = std::path::PathBuf::from(&v.value);
+            c.auth_users = crate::authfile::read(&path).map_err(|m| v.err(m))?;
+            c.auth_file = Some(path);
         }
         if let Some(v) = self.admin_users {
             c.admin_users = v.value;
@@ -497,6 +522,38 @@ pub(crate) fn parse_read_routing(raw: Raw<'_>) -> Result<ReadRouting, String> {
         Raw::Str(s) => ReadRouting::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
         other => Err(format!("{EXPECTED}, got {}", other.describe())),
     }
+}
+
+fn parse_server_auth(raw: Raw<'_>) -> Result<ServerAuth, String> {
+    const EXPECTED: &str = "expected \"password\" or \"rds_iam\"";
+    match raw {
+        Raw::Str(s) => ServerAuth::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
+        other => Err(format!("{EXPECTED}, got {}", other.describe())),
+    }
+}
+
+/// An AWS region name like `"us-east-1"` (lower-case letters, digits, dashes); an
+/// empty string means none.
+fn parse_aws_region(raw: Raw<'_>) -> Result<Option<String>, String> {
+    let Raw::Str(s) = raw else {
+        return Err(format!(
+            "expected a region name like \"us-east-1\", got {}",
+            raw.describe()
+        ));
+    };
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "expected a region name like \"us-east-1\" (lower-case letters, digits, dashes), got {s:?}"
+        ));
+    }
+    Ok(Some(s.to_owned()))
 }
 
 fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {

@@ -1595,3 +1595,106 @@ fn tcp_defaults() -> crate::TcpSettings {
         user_timeout: Duration::ZERO,
     }
 }
+
+#[test]
+fn auth_file_is_read_and_its_errors_name_the_key_and_line() {
+    let users = tmp("\"app\" \"hunter2\"\n\"old\" \"md50123456789abcdef0123456789abcdef\"\n");
+    let path = users.path.to_str().unwrap().to_string();
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@h/d"),
+            ("PGMUX_AUTH_FILE", &path),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.auth_users.len(), 2);
+    assert!(
+        matches!(&c.auth_users["app"], crate::AuthSecret::Password(p) if p.expose() == "hunter2")
+    );
+    let shown = c.to_redacted_toml();
+    assert!(
+        shown.contains("auth_file") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+
+    let bad = tmp("\"app\" \"hunter2\"\napp hunter2\n");
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@h/d"),
+            ("PGMUX_AUTH_FILE", bad.path.to_str().unwrap()),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "auth_file");
+    assert!(e.message.contains("line 2"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@h/d"),
+            ("PGMUX_AUTH_FILE", "/nonexistent/x"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "auth_file");
+    assert!(e.message.contains("cannot read"), "{e}");
+}
+
+#[test]
+fn server_auth_and_aws_region() {
+    // Defaults.
+    let (_f, r) = load_file("[databases.app]\nurl = \"postgres://h/app\"\n");
+    let c = r.unwrap();
+    assert_eq!(c.server_auth, ServerAuth::Password);
+    assert_eq!(c.aws_region, None);
+
+    // From the file.
+    let (_f, r) = load_file(
+        "server_auth = \"rds_iam\"\naws_region = \"eu-west-1\"\n\
+         [databases.app]\nurl = \"postgres://h/app\"\n",
+    );
+    let c = r.unwrap();
+    assert_eq!(c.server_auth, ServerAuth::RdsIam);
+    assert_eq!(c.aws_region.as_deref(), Some("eu-west-1"));
+    assert_eq!(ServerAuth::parse(" RDS_IAM "), Some(ServerAuth::RdsIam));
+    assert_eq!(ServerAuth::RdsIam.as_str(), "rds_iam");
+
+    // From the environment (over the file).
+    let f = tmp("server_auth = \"password\"\n[databases.app]\nurl = \"postgres://h/app\"\n");
+    let c = load(
+        &flags_with(&f),
+        &env(&[
+            ("PGMUX_SERVER_AUTH", "rds_iam"),
+            ("PGMUX_AWS_REGION", "us-east-1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.server_auth, ServerAuth::RdsIam);
+    assert_eq!(c.aws_region.as_deref(), Some("us-east-1"));
+
+    // Errors name the key.
+    for (text, key, needle) in [
+        (
+            "server_auth = \"iam\"",
+            "server_auth",
+            "expected \"password\" or \"rds_iam\"",
+        ),
+        (
+            "server_auth = 1",
+            "server_auth",
+            "expected \"password\" or \"rds_iam\"",
+        ),
+        ("aws_region = \"US East 1\"", "aws_region", "region name"),
+        ("aws_region = 5", "aws_region", "region name"),
+    ] {
+        let (_f, r) = load_file(&format!(
+            "{text}\n[databases.app]\nurl = \"postgres://h/app\"\n"
+        ));
+        let e = r.unwrap_err();
+        assert_eq!(e.key, key, "{text}");
+        assert!(e.message.contains(needle), "{text}: {}", e.message);
+        assert!(e.to_string().contains(key), "{e}");
+    }
+}

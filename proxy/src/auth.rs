@@ -156,8 +156,9 @@ impl<'a> ScramServer<'a> {
         ))
     }
 
-    /// Handles client-final-message; returns server-final-message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    /// Handles client-final-message; returns server-final-message and the ClientKey the
+    /// proof revealed (for SCRAM passthrough) on success.
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, [u8; 32]), ScramError> {
         let msg =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = msg
@@ -202,7 +203,111 @@ impl<'a> ScramServer<'a> {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
+    }
+}
+
+/// What SCRAM passthrough logs in to a server with: the verifier's salt, iterations and
+/// ServerKey, and the ClientKey a client's proof revealed. Never logged.
+pub struct ScramKeys {
+    pub verifier: ScramVerifier,
+    pub client_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(<redacted>)")
+    }
+}
+
+/// Client side of SCRAM-SHA-256 with keys instead of a password (passthrough). The
+/// server's salt and iterations must be the verifier's: the keys derive from them.
+pub struct ScramKeyClient<'a> {
+    keys: &'a ScramKeys,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl<'a> ScramKeyClient<'a> {
+    /// Returns the client and client-first-message.
+    pub fn start(keys: &'a ScramKeys) -> (Self, String) {
+        let mut raw = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let nonce = B64.encode(raw);
+        let client_first_bare = format!("n=,r={nonce}");
+        let first = format!("n,,{client_first_bare}");
+        (
+            ScramKeyClient {
+                keys,
+                client_first_bare,
+                nonce,
+                auth_message: None,
+            },
+            first,
+        )
+    }
+
+    /// Handles server-first-message; returns client-final-message.
+    pub fn update(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let msg =
+            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (mut nonce, mut salt, mut iterations) = (None, None, None);
+        for attr in msg.split(',') {
+            if let Some(v) = attr.strip_prefix("r=") {
+                nonce = Some(v);
+            } else if let Some(v) = attr.strip_prefix("s=") {
+                salt = Some(v);
+            } else if let Some(v) = attr.strip_prefix("i=") {
+                iterations = Some(v);
+            }
+        }
+        let nonce = nonce.ok_or(ScramError::Malformed("missing nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() <= self.nonce.len() {
+            return Err(ScramError::Malformed("nonce mismatch"));
+        }
+        let salt = B64
+            .decode(salt.ok_or(ScramError::Malformed("missing salt"))?)
+            .map_err(|_| ScramError::Malformed("salt"))?;
+        let iterations: u32 = iterations
+            .and_then(|i| i.parse().ok())
+            .ok_or(ScramError::Malformed("iterations"))?;
+        if salt != self.keys.verifier.salt || iterations != self.keys.verifier.iterations {
+            // The server holds a different verifier than the auth source: the keys
+            // cannot answer it.
+            return Err(ScramError::BadProof);
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let client_signature = hmac(&self.keys.verifier.stored_key, auth_message.as_bytes());
+        let mut proof = [0u8; 32];
+        for (i, p) in proof.iter_mut().enumerate() {
+            *p = self.keys.client_key[i] ^ client_signature[i];
+        }
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks server-final-message (the server's signature).
+    pub fn finish(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let msg =
+            std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let sig = msg
+            .strip_prefix("v=")
+            .ok_or(ScramError::Malformed("server signature"))?;
+        let sig = B64
+            .decode(sig)
+            .map_err(|_| ScramError::Malformed("server signature"))?;
+        let auth_message = self
+            .auth_message
+            .as_ref()
+            .ok_or(ScramError::Malformed("out of order"))?;
+        let expected = hmac(&self.keys.verifier.server_key, auth_message.as_bytes());
+        if constant_time_eq(&sig, &expected) {
+            Ok(())
+        } else {
+            Err(ScramError::BadProof)
+        }
     }
 }
 
@@ -217,6 +322,32 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The `md5…` string a client sends for AuthenticationMD5Password, from a stored
+/// `md5<hex>` hash (PostgreSQL's md5(password + user)) instead of the password.
+pub fn md5_response_from_hash(hash: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest as _, Md5};
+    let hex = hash.strip_prefix("md5").unwrap_or(hash);
+    let mut h = Md5::new();
+    h.update(hex.as_bytes());
+    h.update(salt);
+    let digest = h.finalize();
+    let mut out = String::with_capacity(35);
+    out.push_str("md5");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Whether `s` is a stored MD5 hash (`md5` + 32 lowercase hex digits).
+pub fn is_md5_hash(s: &str) -> bool {
+    s.len() == 35
+        && s.starts_with("md5")
+        && s[3..]
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The `md5…` string a client sends for AuthenticationMD5Password.
@@ -235,11 +366,55 @@ mod tests {
             ScramSha256::new(password_client.as_bytes(), ChannelBinding::unsupported());
         let (server, first) = ScramServer::start(&verifier, client.message())?;
         client.update(first.as_bytes()).unwrap();
-        let fin = server.finish(client.message())?;
+        let (fin, _) = server.finish(client.message())?;
         client
             .finish(fin.as_bytes())
             .expect("client accepts the server signature");
         Ok(())
+    }
+
+    #[test]
+    fn passthrough_keys_log_in_where_the_password_would() {
+        // A client authenticates against a verifier; the ClientKey its proof reveals
+        // then answers a second exchange (the "server") holding the same verifier.
+        let verifier = ScramVerifier::derive("s3cret");
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+        let (server, first) = ScramServer::start(&verifier, client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (_, client_key) = server.finish(client.message()).unwrap();
+        let keys = ScramKeys {
+            verifier: verifier.clone(),
+            client_key,
+        };
+        let (mut pass, first) = ScramKeyClient::start(&keys);
+        let (upstream, server_first) = ScramServer::start(&verifier, first.as_bytes()).unwrap();
+        let fin = pass.update(server_first.as_bytes()).unwrap();
+        let (server_final, _) = upstream.finish(fin.as_bytes()).unwrap();
+        pass.finish(server_final.as_bytes()).unwrap();
+        // Another verifier of the same password (another salt): the keys do not fit.
+        let other = ScramVerifier::derive("s3cret");
+        let (mut pass, first) = ScramKeyClient::start(&keys);
+        let (_, server_first) = ScramServer::start(&other, first.as_bytes()).unwrap();
+        assert_eq!(
+            pass.update(server_first.as_bytes()),
+            Err(ScramError::BadProof)
+        );
+        // A wrong server signature is refused.
+        let (mut pass, first) = ScramKeyClient::start(&keys);
+        let (_, server_first) = ScramServer::start(&verifier, first.as_bytes()).unwrap();
+        pass.update(server_first.as_bytes()).unwrap();
+        assert!(pass.finish(b"v=AAAA").is_err());
+    }
+
+    #[test]
+    fn md5_from_hash_matches_md5_from_password() {
+        let salt = [1, 2, 3, 4];
+        let hash = postgres_protocol::password::md5(b"pw", "alice");
+        assert!(is_md5_hash(&hash));
+        assert_eq!(
+            md5_response_from_hash(&hash, salt),
+            md5_response("alice", "pw", salt)
+        );
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub enum BackendError {
     Protocol { addr: String, source: ProtocolError },
     #[error("server {addr} closed the connection during login")]
     Eof { addr: String },
+    /// `server_auth = "rds_iam"` and no token could be made (credentials, region).
+    #[error("RDS IAM authentication: {0}")]
+    RdsIam(#[from] crate::rds_iam::RdsIamError),
 }
 
 impl BackendError {
@@ -347,6 +350,21 @@ impl Server {
         connect_timeout: Duration,
         tcp: &TcpSettings,
     ) -> Result<Server, BackendError> {
+        let cred = match password {
+            Some(p) => Credential::Password(p),
+            None => Credential::None,
+        };
+        Self::connect_as(addr, user, cred, connect_timeout, tcp).await
+    }
+
+    /// [`Server::connect`] with any kind of credential (SCRAM passthrough keys too).
+    pub async fn connect_as(
+        addr: &Arc<ServerAddr>,
+        user: &str,
+        cred: Credential<'_>,
+        connect_timeout: Duration,
+        tcp: &TcpSettings,
+    ) -> Result<Server, BackendError> {
         let name = display_addr(addr);
         let fut = async {
             let stream = ServerStream::connect_with(addr, tcp)
@@ -355,7 +373,7 @@ impl Server {
                     addr: name.clone(),
                     source,
                 })?;
-            login(stream, addr, &name, user, password).await
+            login(stream, addr, &name, user, cred).await
         };
         match tokio::time::timeout(connect_timeout, fut).await {
             Ok(r) => r,
@@ -458,13 +476,27 @@ pub fn display_addr(addr: &ServerAddr) -> String {
     format!("{}:{}/{}", addr.host, addr.port, addr.dbname)
 }
 
+/// What pgmux logs in to a server with.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    /// A password, or a stored `md5…` hash (usable for MD5 logins only).
+    Password(&'a Secret),
+    /// SCRAM passthrough: the keys a client's proof revealed.
+    Keys(&'a crate::auth::ScramKeys),
+    None,
+}
+
 async fn login(
     stream: ServerStream,
     addr: &Arc<ServerAddr>,
     name: &str,
     user: &str,
-    password: Option<&Secret>,
+    cred: Credential<'_>,
 ) -> Result<Server, BackendError> {
+    let password = match cred {
+        Credential::Password(p) => Some(p),
+        _ => None,
+    };
     let proto = |source| BackendError::Protocol {
         addr: name.to_owned(),
         source,
@@ -479,6 +511,7 @@ async fn login(
         .map_err(|e| proto(e.into()))?;
 
     let mut scram: Option<ScramSha256> = None;
+    let mut keyed: Option<crate::auth::ScramKeyClient> = None;
     let mut startup = Vec::new();
     let need_password = || match password {
         Some(p) => Ok(p.expose()),
@@ -513,7 +546,12 @@ async fn login(
                         let salt: [u8; 4] = data.try_into().map_err(|_| {
                             proto(ProtocolError::Malformed("AuthenticationMD5Password"))
                         })?;
-                        let hash = crate::auth::md5_response(user, need_password()?, salt);
+                        let pw = need_password()?;
+                        let hash = if crate::auth::is_md5_hash(pw) {
+                            crate::auth::md5_response_from_hash(pw, salt)
+                        } else {
+                            crate::auth::md5_response(user, pw, salt)
+                        };
                         password_message(&mut out, hash.as_bytes());
                     }
                     10 => {
@@ -529,25 +567,53 @@ async fn login(
                                 ),
                             });
                         }
-                        let s = ScramSha256::new(
-                            need_password()?.as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        sasl_initial_response(&mut out, crate::auth::SCRAM_SHA_256, s.message());
-                        scram = Some(s);
+                        if let Credential::Keys(keys) = cred {
+                            let (k, first) = crate::auth::ScramKeyClient::start(keys);
+                            sasl_initial_response(
+                                &mut out,
+                                crate::auth::SCRAM_SHA_256,
+                                first.as_bytes(),
+                            );
+                            keyed = Some(k);
+                        } else {
+                            let s = ScramSha256::new(
+                                need_password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            sasl_initial_response(
+                                &mut out,
+                                crate::auth::SCRAM_SHA_256,
+                                s.message(),
+                            );
+                            scram = Some(s);
+                        }
                     }
                     11 => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| proto(ProtocolError::Malformed("SASLContinue")))?;
-                        s.update(data).map_err(|e| proto(ProtocolError::Io(e)))?;
-                        sasl_response(&mut out, s.message());
+                        if let Some(k) = keyed.as_mut() {
+                            let fin = k.update(data).map_err(|e| BackendError::UnsupportedAuth {
+                                addr: name.to_owned(),
+                                what: format!("SCRAM passthrough: {e} (the server's verifier differs from the auth source's)"),
+                            })?;
+                            sasl_response(&mut out, fin.as_bytes());
+                        } else {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| proto(ProtocolError::Malformed("SASLContinue")))?;
+                            s.update(data).map_err(|e| proto(ProtocolError::Io(e)))?;
+                            sasl_response(&mut out, s.message());
+                        }
                     }
                     12 => {
-                        let mut s = scram
-                            .take()
-                            .ok_or_else(|| proto(ProtocolError::Malformed("SASLFinal")))?;
-                        s.finish(data).map_err(|e| proto(ProtocolError::Io(e)))?;
+                        if let Some(k) = keyed.take() {
+                            k.finish(data).map_err(|_| {
+                                proto(ProtocolError::Malformed("server SCRAM signature"))
+                            })?;
+                        } else {
+                            let mut s = scram
+                                .take()
+                                .ok_or_else(|| proto(ProtocolError::Malformed("SASLFinal")))?;
+                            s.finish(data).map_err(|e| proto(ProtocolError::Io(e)))?;
+                        }
                     }
                     other => {
                         return Err(BackendError::UnsupportedAuth {

@@ -282,9 +282,10 @@ impl Drop for ClientTicket {
 /// configuration keeps the one it has: its logged-in clients go on (as PgBouncer's do),
 /// while new logins are refused by authentication, which reads the new users table.
 fn server_password(cfg: &Config, pool: &Pool) -> Option<Arc<Secret>> {
-    match cfg.users.get(&pool.user) {
-        Some(u) => u.password.clone().map(Arc::new),
-        None => pool.password(),
+    if cfg.knows_user(&pool.user) {
+        cfg.server_password(&pool.user).cloned().map(Arc::new)
+    } else {
+        pool.password()
     }
 }
 

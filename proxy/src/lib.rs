@@ -15,6 +15,7 @@
 //! * [`router`] — pure SQL classification: may this text run on a read replica?
 //! * [`routing`] — per-transaction choice of primary or replica, read-your-writes.
 //! * [`replicas`] — replica health loops, the primary's WAL clock, route counters.
+//! * [`rds_iam`] — `server_auth = "rds_iam"`: SigV4 RDS IAM tokens, AWS credentials, token cache.
 //! * [`control`] — the admin surface's view: [`pgmux_admin::Control`] for [`Shared`],
 //!   the client registry, pause/resume, live limits, reload, kill.
 //!
@@ -29,6 +30,7 @@ pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod rds_iam;
 pub mod relay;
 pub mod replicas;
 pub mod router;
@@ -97,6 +99,9 @@ pub struct Shared {
     /// began before a reload cannot put a pool of a removed database, or a replica set
     /// on an old replica list, into the maps after the reload went through them.
     layout: std::sync::Mutex<()>,
+    /// RDS IAM tokens and AWS credentials, shared by every pool (`server_auth =
+    /// "rds_iam"`); created by the first pool that needs it.
+    rds_iam: std::sync::OnceLock<Arc<rds_iam::TokenSource>>,
 }
 
 impl Shared {
@@ -129,6 +134,7 @@ impl Shared {
             paused: Default::default(),
             reloader: std::sync::Mutex::new(None),
             layout: std::sync::Mutex::new(()),
+            rds_iam: std::sync::OnceLock::new(),
         })
     }
 
@@ -151,6 +157,12 @@ impl Shared {
             check_delay: cfg.server_check_delay,
             histograms: self.metrics.pool_histograms(db, user, role),
             tcp: cfg.tcp.clone(),
+            rds_iam: (cfg.server_auth == pgmux_config::ServerAuth::RdsIam).then(|| {
+                rds_iam::RdsIamAuth {
+                    tokens: self.rds_iam.get_or_init(Default::default).clone(),
+                    region: cfg.aws_region.clone(),
+                }
+            }),
             paused: self
                 .paused
                 .lock()
@@ -184,7 +196,7 @@ impl Shared {
     }
 
     fn primary_pool(&self, cfg: &Config, db: &Database, user: &str) -> Arc<Pool> {
-        let password = cfg.users.get(user).and_then(|u| u.password.clone());
+        let password = cfg.server_password(user).cloned();
         Pool::new(
             db.name.clone(),
             user.to_owned(),
@@ -232,7 +244,7 @@ impl Shared {
     pub(crate) fn health_settings(&self, cfg: &Config, user: &str) -> HealthSettings {
         HealthSettings {
             user: user.to_owned(),
-            password: cfg.users.get(user).and_then(|u| u.password.clone()),
+            password: cfg.server_password(user).cloned(),
             interval: cfg.replica_check_interval,
             max_lag: cfg.max_replica_lag,
             connect_timeout: cfg.server_connect_timeout,
@@ -263,11 +275,11 @@ impl Shared {
         if let Some(s) = self.replica_sets.get(&key) {
             return Some(s.clone());
         }
-        let password = match cfg.users.get(user) {
-            Some(u) => u.password.clone(),
+        let password = match cfg.knows_user(user) {
+            true => cfg.server_password(user).cloned(),
             // Removed from the users table while its clients are logged in: they go on
             // with what the primary pool logs in with.
-            None => self
+            false => self
                 .pools
                 .get(&key)
                 .and_then(|p| p.password())

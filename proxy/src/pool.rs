@@ -30,7 +30,7 @@ use pgmux_admin::Role;
 use pgmux_config::{Secret, ServerAddr, TcpSettings};
 use tokio::sync::oneshot;
 
-use crate::backend::{send_cancel, BackendError, ReturnState, Server};
+use crate::backend::{send_cancel, BackendError, Credential, ReturnState, Server};
 use crate::params::ServerParams;
 
 /// How long a ROLLBACK of an abandoned transaction may take before the server is closed.
@@ -222,6 +222,11 @@ pub struct Pool {
     connect_timeout_ms: AtomicU64,
     /// Keepalive settings for servers opened from now on (live).
     tcp: ArcSwap<TcpSettings>,
+    /// SCRAM passthrough: keys from the last client that authenticated with an auth_file
+    /// SCRAM secret; used when the pool has no password.
+    scram_keys: ArcSwapOption<crate::auth::ScramKeys>,
+    /// Set: the login password is an RDS IAM token (see [`crate::rds_iam`]).
+    rds_iam: Option<crate::rds_iam::RdsIamAuth>,
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
     startup_params: ArcSwapOption<ServerParams>,
@@ -267,6 +272,8 @@ pub struct PoolSettings {
     pub paused: bool,
     /// Keepalive and user timeout of the servers this pool opens.
     pub tcp: TcpSettings,
+    /// `server_auth = "rds_iam"`: log in with an RDS IAM token instead of the password.
+    pub rds_iam: Option<crate::rds_iam::RdsIamAuth>,
 }
 
 impl Pool {
@@ -298,6 +305,8 @@ impl Pool {
             histograms: settings.histograms,
             connect_timeout_ms: AtomicU64::new(settings.connect_timeout.as_millis() as u64),
             tcp: ArcSwap::from_pointee(settings.tcp),
+            scram_keys: ArcSwapOption::empty(),
+            rds_iam: settings.rds_iam,
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 total: 0,
@@ -496,14 +505,27 @@ impl Pool {
         let generation = self.generation.load(Ordering::Relaxed);
         self.connecting.fetch_add(1, Ordering::Relaxed);
         let addr = self.addr.load_full();
-        let password = self.password.load_full();
-        let r = Server::connect(
-            &addr,
-            &self.user,
-            password.as_deref(),
-            self.connect_timeout(),
-            &self.tcp.load(),
-        )
+        let r = async {
+            let password = match &self.rds_iam {
+                // A token for this server and user (cached for 10 minutes).
+                Some(iam) => Some(Arc::new(iam.password(&addr, &self.user).await?)),
+                None => self.password.load_full(),
+            };
+            let keys = self.scram_keys.load_full();
+            let cred = match (password.as_deref(), keys.as_deref()) {
+                (Some(p), _) => Credential::Password(p),
+                (None, Some(k)) => Credential::Keys(k),
+                (None, None) => Credential::None,
+            };
+            Server::connect_as(
+                &addr,
+                &self.user,
+                cred,
+                self.connect_timeout(),
+                &self.tcp.load(),
+            )
+            .await
+        }
         .await;
         self.connecting.fetch_sub(1, Ordering::Relaxed);
         match r {
@@ -581,6 +603,10 @@ impl Pool {
         if **self.tcp.load() != *tcp {
             self.tcp.store(Arc::new(tcp.clone()));
         }
+    }
+
+    pub fn set_scram_keys(&self, keys: Arc<crate::auth::ScramKeys>) {
+        self.scram_keys.store(Some(keys));
     }
 
     pub fn set_check_delay(&self, delay: Duration) {

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use pgmux_config::{AuthType, Config, ReadRouting, ReadYourWrites};
+use pgmux_config::{AuthSecret, AuthType, Config, ReadRouting, ReadYourWrites};
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -502,16 +502,19 @@ async fn login(
     }
 
     // --- authentication
-    if let Err(reason) = authenticate(shared, cfg, client, &user).await {
-        if reason == LoginFailed {
-            let text = format!("password authentication failed for user \"{user}\"");
-            client
-                .fail(Severity::Fatal, sqlstate::INVALID_PASSWORD, &text)
-                .await;
-            tracing::info!(%user, "password authentication failed");
+    let passthrough = match authenticate(shared, cfg, client, &user).await {
+        Ok(keys) => keys,
+        Err(reason) => {
+            if reason == LoginFailed {
+                let text = format!("password authentication failed for user \"{user}\"");
+                client
+                    .fail(Severity::Fatal, sqlstate::INVALID_PASSWORD, &text)
+                    .await;
+                tracing::info!(%user, "password authentication failed");
+            }
+            return Err(reason);
         }
-        return Err(reason);
-    }
+    };
 
     // --- the admin console (unless a real database has that name)
     if CONSOLE_NAMES.contains(&database.as_str()) && !cfg.databases.contains_key(&database) {
@@ -563,6 +566,11 @@ async fn login(
         return Err(LoginFailed);
     };
     let pool = shared.pool_for(cfg, db, &user);
+    if let Some(keys) = &passthrough {
+        // No password for this user anywhere in pgmux: its servers log in with the keys
+        // this client's proof revealed.
+        pool.set_scram_keys(keys.clone());
+    }
     let server_params = match pool.startup_params() {
         Some(p) => p,
         None => {
@@ -600,6 +608,11 @@ async fn login(
         return Err(ClientClosed);
     }
     let replicas = shared.replicas_for(cfg, db, &user);
+    if let (Some(keys), Some(set)) = (&passthrough, &replicas) {
+        for p in &set.pools {
+            p.set_scram_keys(keys.clone());
+        }
+    }
     Ok(LoggedIn::Pool(Box::new(Login {
         pool,
         replicas,
@@ -705,16 +718,22 @@ fn encode_console_reply(buf: &mut BytesMut, reply: Reply) {
 
 /// Runs the configured authentication exchange. `Err(LoginFailed)` means wrong
 /// credentials (the caller reports 28P01); other reasons were reported already.
+/// `Ok(Some(keys))`: the user's secret is an auth_file SCRAM verifier, and these keys
+/// log its servers in (SCRAM passthrough).
 async fn authenticate(
     shared: &Arc<Shared>,
     cfg: &Config,
     client: &mut Client,
     user: &str,
-) -> Result<(), DisconnectReason> {
+) -> Result<Option<Arc<auth::ScramKeys>>, DisconnectReason> {
     use DisconnectReason::*;
-    let password = cfg.users.get(user).and_then(|u| u.password.as_ref());
+    // A configured password wins over the auth file's entry.
+    let secret = match cfg.users.get(user).and_then(|u| u.password.as_ref()) {
+        Some(p) => Some(AuthSecret::Password(p.clone())),
+        None => cfg.auth_users.get(user).cloned(),
+    };
     match cfg.auth_type {
-        AuthType::Trust => Ok(()),
+        AuthType::Trust => Ok(None),
         AuthType::Md5 => {
             let mut salt = [0u8; 4];
             rand::thread_rng().fill_bytes(&mut salt);
@@ -722,21 +741,39 @@ async fn authenticate(
             client.flush().await.map_err(|_| ClientClosed)?;
             let body = read_password_message(client).await?;
             let (sent, _) = msg::cstr(&body).ok_or(LoginFailed)?;
-            match password {
-                Some(pw)
-                    if auth::constant_time_eq(
-                        sent,
-                        auth::md5_response(user, pw.expose(), salt).as_bytes(),
-                    ) =>
-                {
-                    Ok(())
+            let expected = match &secret {
+                Some(AuthSecret::Password(pw)) => auth::md5_response(user, pw.expose(), salt),
+                Some(AuthSecret::Md5(hash)) => auth::md5_response_from_hash(hash.expose(), salt),
+                Some(AuthSecret::Scram(_)) => {
+                    tracing::warn!(%user, "auth_file holds a SCRAM secret for this user: MD5 authentication cannot use it");
+                    return Err(LoginFailed);
                 }
-                _ => Err(LoginFailed),
+                None => return Err(LoginFailed),
+            };
+            if auth::constant_time_eq(sent, expected.as_bytes()) {
+                Ok(None)
+            } else {
+                Err(LoginFailed)
             }
         }
         AuthType::ScramSha256 => {
-            let verifier = match password {
-                Some(pw) => shared.verifier(user, pw.expose()),
+            let mut passthrough = false;
+            let verifier = match &secret {
+                Some(AuthSecret::Password(pw)) => shared.verifier(user, pw.expose()),
+                Some(AuthSecret::Scram(v)) => match auth::ScramVerifier::parse(v.expose()) {
+                    Some(v) => {
+                        passthrough = true;
+                        Arc::new(v)
+                    }
+                    None => {
+                        tracing::warn!(%user, "auth_file SCRAM secret cannot be decoded");
+                        Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret))
+                    }
+                },
+                Some(AuthSecret::Md5(_)) => {
+                    tracing::warn!(%user, "auth_file holds an MD5 hash for this user: SCRAM authentication cannot use it (auth_type = \"md5\" can)");
+                    Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret))
+                }
                 None => Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret)),
             };
             msg::auth_sasl(&mut client.wbuf, &[auth::SCRAM_SHA_256]);
@@ -767,9 +804,14 @@ async fn authenticate(
             msg::auth_sasl_continue(&mut client.wbuf, server_first.as_bytes());
             client.flush().await.map_err(|_| ClientClosed)?;
             let body = read_password_message(client).await?;
-            let server_final = exchange.finish(&body).map_err(|_| LoginFailed)?;
+            let (server_final, client_key) = exchange.finish(&body).map_err(|_| LoginFailed)?;
             msg::auth_sasl_final(&mut client.wbuf, server_final.as_bytes());
-            Ok(())
+            Ok(passthrough.then(|| {
+                Arc::new(auth::ScramKeys {
+                    verifier: (*verifier).clone(),
+                    client_key,
+                })
+            }))
         }
     }
 }

@@ -39,7 +39,7 @@ else
     fi
     .venv/bin/python -m pip install --disable-pip-version-check --quiet -r requirements.txt \
         || die "pip install -r tests/drivers/requirements.txt failed"
-    .venv/bin/python -c 'import asyncpg, sqlalchemy, greenlet, psycopg' \
+    .venv/bin/python -c 'import asyncpg, sqlalchemy, greenlet, psycopg, botocore' \
         || die "python drivers installed but do not import"
     echo "$want_py" >"$py_stamp"
 fi
