@@ -228,3 +228,19 @@ fn pgmux_start_reports_early_exit() {
     // and panic (with the log) instead of waiting for the port.
     support::Pgmux::start(&["--definitely-not-a-pgmux-flag"], &[]);
 }
+
+/// The suite-wide log check works: a registered secret that does appear in a pgmux log
+/// fails the test that dropped the pgmux.
+#[test]
+fn a_registered_secret_in_the_pgmux_log_fails_the_test() {
+    let cluster = PgCluster::start();
+    let (user, password, db) = cluster.create_user_db("secret scan");
+    let url = cluster.primary().url(&user, &password, &db);
+    let px = support::Pgmux::start(&[], &[("DATABASE_URL", url.as_str())]);
+    // pgmux logs this line at start-up; pretend it were a password.
+    support::register_secret("accepting connections");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(px)));
+    let msg = r.expect_err("dropping the pgmux must panic");
+    let text = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(text.contains("contains the password"), "{text}");
+}

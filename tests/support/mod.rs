@@ -694,6 +694,7 @@ impl PgCluster {
 
     /// CREATE ROLE … LOGIN PASSWORD … (stored as SCRAM-SHA-256).
     pub fn create_role(&self, name: &str, password: &str) {
+        register_secret(password);
         self.primary.psql(
             "postgres",
             &format!(
@@ -959,11 +960,36 @@ fn listen_value(args: &[&str]) -> Option<String> {
     found
 }
 
+/// Passwords of the roles tests create: no pgmux log may contain one (checked when a
+/// [`Pgmux`] is dropped, so every test that runs pgmux checks its log).
+static TEST_SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds a secret that must never appear in a pgmux log.
+pub fn register_secret(secret: &str) {
+    if secret.len() >= 6 {
+        let mut v = TEST_SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|s| s == secret) {
+            v.push(secret.to_owned());
+        }
+    }
+}
+
 impl Drop for Pgmux {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if !std::thread::panicking() {
+            let log = self.log();
+            let secrets = TEST_SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = secrets.iter().find(|s| log.contains(s.as_str())) {
+                panic!(
+                    "the pgmux log (port {}) contains the password {s:?} of a test role:\n{}",
+                    self.port,
+                    tail(&log, 50)
+                );
+            }
         }
         if std::thread::panicking() {
             eprintln!(
