@@ -208,16 +208,15 @@ impl Scalars {
             }
             "max_message_size" => self.max_message_size = wrap(parse_size(raw), key, &origin)?,
             "auth_type" => {
-                let v = match raw {
-                    Raw::Str(s) => AuthType::parse(s).ok_or_else(|| {
-                        format!("expected \"scram-sha-256\", \"md5\" or \"trust\", got {s:?}")
-                    }),
-                    other => Err(format!(
-                        "expected \"scram-sha-256\", \"md5\" or \"trust\", got {}",
-                        other.describe()
-                    )),
-                };
-                self.auth_type = Some(Sourced::new(v.map_err(err)?, key, origin.clone()));
+                self.auth_type = wrap(
+                    parse_choice(
+                        raw,
+                        "expected \"scram-sha-256\", \"md5\" or \"trust\"",
+                        AuthType::parse,
+                    ),
+                    key,
+                    &origin,
+                )?
             }
             "read_routing" => self.read_routing = wrap(parse_read_routing(raw), key, &origin)?,
             "read_your_writes" => {
@@ -517,19 +516,19 @@ pub(crate) fn parse_duration(raw: Raw<'_>) -> Result<Duration, String> {
 }
 
 pub(crate) fn parse_read_routing(raw: Raw<'_>) -> Result<ReadRouting, String> {
-    const EXPECTED: &str = "expected \"auto\", \"primary_only\" or \"replica_only\"";
-    match raw {
-        Raw::Str(s) => ReadRouting::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
-        other => Err(format!("{EXPECTED}, got {}", other.describe())),
-    }
+    parse_choice(
+        raw,
+        "expected \"auto\", \"primary_only\" or \"replica_only\"",
+        ReadRouting::parse,
+    )
 }
 
 fn parse_server_auth(raw: Raw<'_>) -> Result<ServerAuth, String> {
-    const EXPECTED: &str = "expected \"password\" or \"rds_iam\"";
-    match raw {
-        Raw::Str(s) => ServerAuth::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
-        other => Err(format!("{EXPECTED}, got {}", other.describe())),
-    }
+    parse_choice(
+        raw,
+        "expected \"password\" or \"rds_iam\"",
+        ServerAuth::parse,
+    )
 }
 
 /// An AWS region name like `"us-east-1"` (lower-case letters, digits, dashes); an
@@ -556,12 +555,24 @@ fn parse_aws_region(raw: Raw<'_>) -> Result<Option<String>, String> {
     Ok(Some(s.to_owned()))
 }
 
-fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {
-    const EXPECTED: &str = "expected \"user\", \"client\" or \"off\"";
+/// One of a fixed set of names (`parse` knows them); `expected` lists them for errors.
+fn parse_choice<T>(
+    raw: Raw<'_>,
+    expected: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T, String> {
     match raw {
-        Raw::Str(s) => ReadYourWrites::parse(s).ok_or_else(|| format!("{EXPECTED}, got {s:?}")),
-        other => Err(format!("{EXPECTED}, got {}", other.describe())),
+        Raw::Str(s) => parse(s).ok_or_else(|| format!("{expected}, got {s:?}")),
+        other => Err(format!("{expected}, got {}", other.describe())),
     }
+}
+
+fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {
+    parse_choice(
+        raw,
+        "expected \"user\", \"client\" or \"off\"",
+        ReadYourWrites::parse,
+    )
 }
 
 /// An array of function names, or one comma-separated string of them.

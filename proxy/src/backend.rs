@@ -296,6 +296,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// An idle server PostgreSQL closed or wrote to unasked (a terminated backend's
+    /// FATAL): unusable.
+    pub fn closed_by_peer(&self) -> bool {
+        self.stream.looks_dead() || !self.buf.is_empty()
+    }
+
+    /// Records a ParameterStatus the server sent outside a client's link.
+    fn note_parameter_status(&mut self, body: &[u8]) -> Result<(), ProtocolError> {
+        let (k, v) = messages::parse_parameter_status(body)?;
+        self.params.reported(k, v);
+        Ok(())
+    }
+
     pub fn state(&self) -> ReturnState {
         if self.dirty {
             ReturnState::Broken
@@ -410,10 +423,7 @@ impl Server {
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
-                b'S' => {
-                    let (k, v) = messages::parse_parameter_status(&frame.body)?;
-                    self.params.reported(k, v);
-                }
+                b'S' => self.note_parameter_status(&frame.body)?,
                 b'D' if rows == 0 => {
                     rows += 1;
                     if let Some(row) = first_row.as_deref_mut() {
@@ -441,10 +451,7 @@ impl Server {
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
-                b'S' => {
-                    let (k, v) = messages::parse_parameter_status(&frame.body)?;
-                    self.params.reported(k, v);
-                }
+                b'S' => self.note_parameter_status(&frame.body)?,
                 b'N' => {}
                 b'Z' if frame.body.first() == Some(&b'I') => return Ok(()),
                 _ => return Err(ProtocolError::Malformed("answer to a liveness check")),

@@ -442,7 +442,7 @@ impl Pool {
             };
             match handoff {
                 Handoff::Server(mut s) => {
-                    if s.stream.looks_dead() || !s.buf.is_empty() {
+                    if s.closed_by_peer() {
                         tracing::debug!(pool = %self.user, server = s.id, "idle server was closed by the peer; replacing it");
                         self.close(s, CloseReason::KilledByServer);
                         continue;
@@ -826,7 +826,7 @@ impl Pool {
                 && g.total - old.len() > keep_min;
             if idle_long {
                 old.push((g.idle.remove(i), CloseReason::IdleTimeout));
-            } else if g.idle[i].stream.looks_dead() || !g.idle[i].buf.is_empty() {
+            } else if g.idle[i].closed_by_peer() {
                 // Terminated from outside while idle (pg_terminate_backend, a restart):
                 // replaced by fill_to_min when min_pool_size wants it.
                 old.push((g.idle.remove(i), CloseReason::KilledByServer));
