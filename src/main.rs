@@ -79,6 +79,11 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::CheckConfig) => {
+            // The certificate and key must parse and go together, as at start-up.
+            if let Err(e) = pgmux_proxy::tls::ClientTls::default().refresh(&config.client_tls) {
+                eprintln!("pgmux: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
@@ -142,6 +147,11 @@ fn serve(config: Config, flags: Flags) -> ExitCode {
         let listen = config.listen;
         let proxy = match pgmux_proxy::Proxy::bind(config).await {
             Ok(p) => p,
+            // A client TLS certificate or key that does not load.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                eprintln!("pgmux: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("pgmux: cannot listen on {listen}: {e}");
                 return ExitCode::FAILURE;

@@ -82,7 +82,10 @@ fn quoted(s: &str) -> Option<(String, &str)> {
     None // no closing quote
 }
 
-fn classify(secret: String) -> Result<AuthSecret, String> {
+/// Classifies a stored secret as the auth file and `auth_query` read it: `md5` + 32 hex
+/// digits, a well-formed `SCRAM-SHA-256$…` verifier, else a plain password. The error
+/// (a malformed SCRAM verifier) never contains the secret.
+pub fn classify(secret: String) -> Result<AuthSecret, String> {
     if let Some(hex) = secret.strip_prefix("md5") {
         if hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(AuthSecret::Md5(Secret::new(secret)));

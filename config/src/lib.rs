@@ -137,6 +137,18 @@ pub struct Config {
     /// The auth file's entries (empty without one). A `[users.NAME] password` or a
     /// password in a URL wins over the entry for the same user.
     pub auth_users: BTreeMap<String, AuthSecret>,
+    /// `auth_user`: the role pgmux logs in as to run `auth_query` for users that neither
+    /// the configuration nor the auth file knows; default none (no lookup). Its own
+    /// password must be configured (checked at load unless `server_auth = "rds_iam"`).
+    pub auth_user: Option<String>,
+    /// `auth_query`: returns (user name, secret[, VALID UNTIL]) for `$1`; default
+    /// [`DEFAULT_AUTH_QUERY`]. Always contains `$1`.
+    pub auth_query: String,
+    /// `auth_dbname`: the pgmux database (a `[databases]` name) the lookup runs in;
+    /// default none = the database the client asked for.
+    pub auth_dbname: Option<String>,
+    /// `auth_query_cache`: how long a looked-up secret is reused; default 10s, 0 = no cache.
+    pub auth_query_cache: Duration,
     /// Default 64 MiB; `1024 ..= 1 GiB`.
     pub max_message_size: usize,
     /// Tokio worker threads; default 0 = one per core.
@@ -155,6 +167,13 @@ pub struct Config {
     /// AWS region for `server_auth = "rds_iam"` tokens; default none (the proxy then
     /// uses `AWS_REGION`, then `AWS_DEFAULT_REGION`).
     pub aws_region: Option<String>,
+    /// TLS toward clients (`client_tls_mode`, `client_tls_cert_file`,
+    /// `client_tls_key_file`).
+    pub client_tls: ClientTls,
+    /// Default sslmode toward servers whose URL has no `sslmode`; default `prefer`.
+    pub server_tls_mode: SslMode,
+    /// Default CA bundle toward servers whose URL has no `sslrootcert`; default none.
+    pub server_tls_ca_file: Option<PathBuf>,
     /// A replica whose replay lags the primary by more than this is taken out of
     /// rotation until it catches up; default 10s, `> 0`.
     pub max_replica_lag: Duration,
@@ -328,6 +347,117 @@ impl ServerAuth {
     }
 }
 
+/// libpq's `sslmode`, for pgmux's own connections to PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// No TLS (libpq would try TLS after a refused plaintext login; pgmux does not).
+    Allow,
+    /// TLS if the server offers it, without certificate checks; else plaintext. Default.
+    #[default]
+    Prefer,
+    /// TLS or fail; the certificate is checked against a CA only if one is configured.
+    Require,
+    /// TLS, certificate chain checked against the CA.
+    VerifyCa,
+    /// TLS, chain checked and the host name must match the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Parse libpq's spelling (surrounding whitespace and case ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether a connection sends SSLRequest first.
+    pub fn tries_tls(self) -> bool {
+        !matches!(self, SslMode::Disable | SslMode::Allow)
+    }
+
+    /// Whether a server that refuses TLS is an error.
+    pub fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+}
+
+/// TLS toward one server: its `sslmode` and CA bundle, from the URL's `sslmode` /
+/// `sslrootcert` or else `server_tls_mode` / `server_tls_ca_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerTls {
+    pub mode: SslMode,
+    /// PEM CA bundle; `system` means the operating system's bundle.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// `client_tls_mode`: whether clients may or must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'. The default without a certificate.
+    #[default]
+    Disable,
+    /// TLS for clients that ask, plaintext for the others (`prefer` is the same; the
+    /// default with a certificate).
+    Allow,
+    /// TLS only: a plaintext login gets FATAL 28000.
+    Require,
+}
+
+impl ClientTlsMode {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientTlsMode::Disable => "disable",
+            ClientTlsMode::Allow => "allow",
+            ClientTlsMode::Require => "require",
+        }
+    }
+
+    /// Parse the configuration spelling; `prefer` is `allow`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "disable" => ClientTlsMode::Disable,
+            "allow" | "prefer" => ClientTlsMode::Allow,
+            "require" => ClientTlsMode::Require,
+            _ => return None,
+        })
+    }
+}
+
+/// Client-facing TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientTls {
+    pub mode: ClientTlsMode,
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
 /// Read-your-writes scope: after a write transaction of the scope commits on the
 /// primary, that scope's reads go to the primary until a replica has replayed past
 /// the commit (its WAL position), so the scope never reads data older than its own
@@ -411,6 +541,8 @@ pub struct ServerAddr {
     pub dbname: String,
     /// Remaining URL query parameters (e.g. `sslmode`, `application_name`).
     pub params: BTreeMap<String, String>,
+    /// TLS toward this server (resolved from `params` and the global defaults).
+    pub tls: ServerTls,
 }
 
 impl ServerAddr {
@@ -523,6 +655,11 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 /// Largest accepted `max_message_size` (1 GiB).
 pub const MAX_MAX_MESSAGE_SIZE: usize = 1024 * 1024 * 1024;
+/// Default `auth_query` (PgBouncer's).
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT usename, passwd, valuntil FROM pg_shadow WHERE usename = $1";
+/// Default `auth_query_cache` (10s).
+pub const DEFAULT_AUTH_QUERY_CACHE: Duration = Duration::from_secs(10);
 /// Default `max_replica_lag` (10s).
 pub const DEFAULT_MAX_REPLICA_LAG: Duration = Duration::from_secs(10);
 /// Default `replica_check_interval` (100ms).
@@ -554,6 +691,10 @@ impl Default for Config {
             tcp: TcpSettings::default(),
             auth_file: None,
             auth_users: BTreeMap::new(),
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_string(),
+            auth_dbname: None,
+            auth_query_cache: DEFAULT_AUTH_QUERY_CACHE,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             workers: 0,
             max_prepared_statements: 500,
@@ -561,6 +702,9 @@ impl Default for Config {
             read_your_writes: ReadYourWrites::User,
             server_auth: ServerAuth::Password,
             aws_region: None,
+            client_tls: ClientTls::default(),
+            server_tls_mode: SslMode::Prefer,
+            server_tls_ca_file: None,
             max_replica_lag: DEFAULT_MAX_REPLICA_LAG,
             replica_check_interval: DEFAULT_REPLICA_CHECK_INTERVAL,
             write_functions: Vec::new(),
@@ -720,6 +864,15 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_ADMIN_USERS", "admin_users"),
     ("PGMUX_STATS_USERS", "stats_users"),
     ("PGMUX_AUTH_FILE", "auth_file"),
+    ("PGMUX_AUTH_USER", "auth_user"),
+    ("PGMUX_AUTH_QUERY", "auth_query"),
+    ("PGMUX_AUTH_DBNAME", "auth_dbname"),
+    ("PGMUX_AUTH_QUERY_CACHE", "auth_query_cache"),
+    ("PGMUX_CLIENT_TLS_MODE", "client_tls_mode"),
+    ("PGMUX_CLIENT_TLS_CERT_FILE", "client_tls_cert_file"),
+    ("PGMUX_CLIENT_TLS_KEY_FILE", "client_tls_key_file"),
+    ("PGMUX_SERVER_TLS_MODE", "server_tls_mode"),
+    ("PGMUX_SERVER_TLS_CA_FILE", "server_tls_ca_file"),
     ("PGMUX_ADMIN_LISTEN", "admin.listen"),
     ("PGMUX_ADMIN_TOKEN", "admin.token"),
     ("PGMUX_ADMIN_PROTECT_READS", "admin.protect_reads"),
@@ -751,6 +904,42 @@ pub(crate) struct FileLayer {
 
 fn env_get<'a>(env: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
     env.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// The server address with its TLS settings: the URL's `sslmode` / `sslrootcert`, else
+/// `server_tls_mode` / `server_tls_ca_file`. verify-ca and verify-full need a CA.
+fn resolve_tls(config: &Config, url: &Sourced<ParsedUrl>) -> Result<ServerAddr, ConfigError> {
+    let mut addr = url.value.addr.clone();
+    let mode = match addr.params.get("sslmode") {
+        Some(m) => SslMode::parse(m).unwrap_or_default(), // validated by the URL parser
+        None => config.server_tls_mode,
+    };
+    let root_cert = match addr.params.get("sslrootcert") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => config.server_tls_ca_file.clone(),
+    };
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+        return Err(ConfigError::new(
+            url.key.clone(),
+            url.origin.clone(),
+            format!(
+                "sslmode {} for server {}:{} needs a CA: set server_tls_ca_file, or sslrootcert= in the URL (sslrootcert=system for the system's CA bundle)",
+                mode.as_str(),
+                addr.host,
+                addr.port
+            ),
+        ));
+    }
+    if !addr.is_unix_socket() {
+        addr.tls = ServerTls { mode, root_cert };
+    } else {
+        // libpq never uses TLS over a unix socket.
+        addr.tls = ServerTls {
+            mode: SslMode::Disable,
+            root_cert: None,
+        };
+    }
+    Ok(addr)
 }
 
 /// Load: file path from flags.config, else env PGMUX_CONFIG, else no file.
@@ -879,6 +1068,7 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
 
     // --- validate ---
     let default_stats_users = !scalars.has_stats_users();
+    let auth_origins = scalars.auth_query_origins();
     let mut config = scalars.finish()?;
     if databases.is_empty() {
         return Err(ConfigError::new(
@@ -937,12 +1127,18 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
         for r in &db.replicas {
             implicit(r)?;
         }
+        let primary = resolve_tls(&config, &db.primary)?;
+        let replicas = db
+            .replicas
+            .iter()
+            .map(|r| resolve_tls(&config, r))
+            .collect::<Result<Vec<_>, _>>()?;
         config.databases.insert(
             name.clone(),
             Database {
                 name,
-                primary: db.primary.value.addr,
-                replicas: db.replicas.into_iter().map(|r| r.value.addr).collect(),
+                primary,
+                replicas,
                 pool_size,
                 read_routing: db.read_routing,
             },
@@ -973,5 +1169,46 @@ pub fn load(flags: &Flags, env: &BTreeMap<String, String>) -> Result<Config, Con
         );
     }
 
+    check_auth_query(&config, auth_origins)?;
     Ok(config)
+}
+
+/// Cross-key checks of the `auth_query` settings, once users and databases are known:
+/// `auth_user` needs a password pgmux can log in with (unless RDS IAM makes one), and
+/// `auth_dbname` must name a configured database. `origins`: where `auth_user` and
+/// `auth_dbname` were set.
+fn check_auth_query(
+    config: &Config,
+    (user_origin, dbname_origin): (Option<Origin>, Option<Origin>),
+) -> Result<(), ConfigError> {
+    if let Some(user) = &config.auth_user {
+        if config.server_auth != ServerAuth::RdsIam && config.server_password(user).is_none() {
+            return Err(ConfigError::new(
+                "auth_user",
+                user_origin.unwrap_or(Origin::Default),
+                format!(
+                    "no password for user {user:?}: set [users.{user}] password, a password in \
+                     DATABASE_URL, or a plain or md5 auth_file entry"
+                ),
+            ));
+        }
+    }
+    if let Some(name) = &config.auth_dbname {
+        if !config.databases.contains_key(name) {
+            return Err(ConfigError::new(
+                "auth_dbname",
+                dbname_origin.unwrap_or(Origin::Default),
+                format!(
+                    "database {name:?} is not configured (known: {})",
+                    config
+                        .databases
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

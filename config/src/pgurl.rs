@@ -131,6 +131,7 @@ pub(crate) fn parse(input: &str, default_dbname: Option<&str>) -> Result<ParsedU
             port: port.unwrap_or(5432),
             dbname,
             params,
+            tls: Default::default(),
         },
         user,
         password,

@@ -93,6 +93,8 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("read_your_writes", s(c.read_your_writes.as_str())),
         ("server_auth", s(c.server_auth.as_str())),
         ("aws_region", s(c.aws_region.as_deref().unwrap_or(""))),
+        ("client_tls_mode", s(c.client_tls.mode.as_str())),
+        ("server_tls_mode", s(c.server_tls_mode.as_str())),
         ("max_replica_lag", duration(c.max_replica_lag)),
         ("replica_check_interval", duration(c.replica_check_interval)),
         ("write_functions", list(&c.write_functions)),
@@ -104,6 +106,21 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         c.auth_file
             .as_ref()
             .map(|p| ("auth_file", s(&p.display().to_string()))),
+    )
+    .chain(c.auth_user.as_deref().map(|u| ("auth_user", s(u))))
+    .chain([
+        ("auth_query", s(&c.auth_query)),
+        ("auth_query_cache", duration(c.auth_query_cache)),
+    ])
+    .chain(c.auth_dbname.as_deref().map(|d| ("auth_dbname", s(d))))
+    .chain(
+        [
+            ("client_tls_cert_file", &c.client_tls.cert_file),
+            ("client_tls_key_file", &c.client_tls.key_file),
+            ("server_tls_ca_file", &c.server_tls_ca_file),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.as_ref().map(|p| (k, s(&p.display().to_string())))),
     )
     .collect()
 }

@@ -1,10 +1,10 @@
 //! Top-level scalar keys: parsing from any source, layering, range validation.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    AuthType, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret, ServerAuth,
-    MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE,
+    AuthType, ClientTlsMode, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret,
+    ServerAuth, SslMode, MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE,
     MIN_REPLICA_CHECK_INTERVAL,
 };
 
@@ -112,6 +112,15 @@ pub(crate) struct Scalars {
     min_pool_size: Option<Sourced<usize>>,
     admin_users: Option<Sourced<Vec<String>>>,
     auth_file: Option<Sourced<String>>,
+    auth_user: Option<Sourced<Option<String>>>,
+    auth_query: Option<Sourced<String>>,
+    auth_dbname: Option<Sourced<Option<String>>>,
+    auth_query_cache: Option<Sourced<Duration>>,
+    client_tls_mode: Option<Sourced<ClientTlsMode>>,
+    client_tls_cert_file: Option<Sourced<String>>,
+    client_tls_key_file: Option<Sourced<String>>,
+    server_tls_mode: Option<Sourced<SslMode>>,
+    server_tls_ca_file: Option<Sourced<String>>,
     stats_users: Option<Sourced<Vec<String>>>,
     admin_listen: Option<Sourced<SocketAddr>>,
     admin_token: Option<Sourced<Secret>>,
@@ -154,6 +163,15 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "admin_users",
     "stats_users",
     "auth_file",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+    "auth_query_cache",
+    "client_tls_mode",
+    "client_tls_cert_file",
+    "client_tls_key_file",
+    "server_tls_mode",
+    "server_tls_ca_file",
 ];
 
 /// Keys of the `[admin]` table.
@@ -237,6 +255,70 @@ impl Scalars {
                 };
                 self.auth_file = Some(Sourced::new(path.trim().to_string(), key, origin.clone()));
             }
+            "auth_user" | "auth_dbname" => {
+                let Raw::Str(name) = raw else {
+                    return Err(err(format!("expected a name, got {}", raw.describe())));
+                };
+                // Empty: none (so an environment variable can unset the file's value).
+                let name = name.trim();
+                let v = Some(Sourced::new(
+                    (!name.is_empty()).then(|| name.to_string()),
+                    key,
+                    origin.clone(),
+                ));
+                match key {
+                    "auth_user" => self.auth_user = v,
+                    _ => self.auth_dbname = v,
+                }
+            }
+            "auth_query" => {
+                let Raw::Str(sql) = raw else {
+                    return Err(err(format!(
+                        "expected an SQL query, got {}",
+                        raw.describe()
+                    )));
+                };
+                let sql = sql.trim();
+                if !sql.contains("$1") {
+                    return Err(err(
+                        "must contain $1 (the user name is passed as that parameter)".into(),
+                    ));
+                }
+                self.auth_query = Some(Sourced::new(sql.to_string(), key, origin.clone()));
+            }
+            "client_tls_mode" => {
+                self.client_tls_mode = wrap(
+                    parse_choice(
+                        raw,
+                        "expected \"disable\", \"allow\", \"prefer\" or \"require\"",
+                        ClientTlsMode::parse,
+                    ),
+                    key,
+                    &origin,
+                )?
+            }
+            "server_tls_mode" => {
+                self.server_tls_mode = wrap(
+                    parse_choice(
+                        raw,
+                        "expected \"disable\", \"allow\", \"prefer\", \"require\", \"verify-ca\" or \"verify-full\"",
+                        SslMode::parse,
+                    ),
+                    key,
+                    &origin,
+                )?
+            }
+            "client_tls_cert_file" | "client_tls_key_file" | "server_tls_ca_file" => {
+                let Raw::Str(path) = raw else {
+                    return Err(err(format!("expected a file path, got {}", raw.describe())));
+                };
+                let v = Some(Sourced::new(path.trim().to_string(), key, origin.clone()));
+                match key {
+                    "client_tls_cert_file" => self.client_tls_cert_file = v,
+                    "client_tls_key_file" => self.client_tls_key_file = v,
+                    _ => self.server_tls_ca_file = v,
+                }
+            }
             "stats_users" => self.stats_users = wrap(parse_user_names(raw), key, &origin)?,
             "admin.listen" => self.admin_listen = wrap(parse_listen(raw), key, &origin)?,
             "admin.protect_reads" => {
@@ -268,7 +350,8 @@ impl Scalars {
             | "tcp_keepintvl"
             | "tcp_user_timeout"
             | "max_replica_lag"
-            | "replica_check_interval" => {
+            | "replica_check_interval"
+            | "auth_query_cache" => {
                 let d = Some(Sourced::new(
                     parse_duration(raw).map_err(err)?,
                     key,
@@ -281,6 +364,7 @@ impl Scalars {
                     "shutdown_timeout" => self.shutdown_timeout = d,
                     "max_replica_lag" => self.max_replica_lag = d,
                     "replica_check_interval" => self.replica_check_interval = d,
+                    "auth_query_cache" => self.auth_query_cache = d,
                     "client_idle_timeout" => self.client_idle_timeout = d,
                     "idle_transaction_timeout" => self.idle_transaction_timeout = d,
                     "server_lifetime" => self.server_lifetime = d,
@@ -298,9 +382,69 @@ impl Scalars {
         Ok(())
     }
 
+    /// The TLS keys: files must be readable (their PEM is checked by the proxy when it
+    /// builds the acceptor), a certificate needs its key, and a mode that offers TLS
+    /// needs both.
+    fn apply_tls(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        let readable = |v: &Sourced<String>| -> Result<PathBuf, ConfigError> {
+            if v.value.is_empty() {
+                return Err(v.err("must not be empty"));
+            }
+            let path = PathBuf::from(&v.value);
+            std::fs::File::open(&path)
+                .map_err(|e| v.err(format!("cannot read {}: {e}", path.display())))?;
+            Ok(path)
+        };
+        if let Some(v) = self.server_tls_mode.take() {
+            c.server_tls_mode = v.value;
+        }
+        if let Some(v) = self.server_tls_ca_file.take() {
+            c.server_tls_ca_file = Some(if v.value == "system" {
+                PathBuf::from("system")
+            } else {
+                readable(&v)?
+            });
+        }
+        let cert = self.client_tls_cert_file.take();
+        let key = self.client_tls_key_file.take();
+        match (&cert, &key) {
+            (Some(cv), None) => {
+                return Err(cv.err("needs client_tls_key_file too"));
+            }
+            (None, Some(kv)) => {
+                return Err(kv.err("needs client_tls_cert_file too"));
+            }
+            (Some(cv), Some(kv)) => {
+                c.client_tls.cert_file = Some(readable(cv)?);
+                c.client_tls.key_file = Some(readable(kv)?);
+                c.client_tls.mode = ClientTlsMode::Allow;
+            }
+            (None, None) => {}
+        }
+        if let Some(v) = self.client_tls_mode.take() {
+            if v.value != ClientTlsMode::Disable && c.client_tls.cert_file.is_none() {
+                return Err(v.err(format!(
+                    "\"{}\" needs a certificate: set client_tls_cert_file and client_tls_key_file",
+                    v.value.as_str()
+                )));
+            }
+            c.client_tls.mode = v.value;
+        }
+        Ok(())
+    }
+
     /// True when any source set `stats_users`.
     pub(crate) fn has_stats_users(&self) -> bool {
         self.stats_users.is_some()
+    }
+
+    /// Where `auth_user` and `auth_dbname` were set, for the checks that need the users
+    /// and databases (after [`Scalars::finish`]).
+    pub(crate) fn auth_query_origins(&self) -> (Option<Origin>, Option<Origin>) {
+        (
+            self.auth_user.as_ref().map(|v| v.origin.clone()),
+            self.auth_dbname.as_ref().map(|v| v.origin.clone()),
+        )
     }
 
     /// Apply defaults and range checks; returns a config without databases/users.
@@ -312,7 +456,8 @@ impl Scalars {
 
     /// Writes the values set here over `c`, with range checks (also across keys, against
     /// the values `c` already has).
-    pub(crate) fn apply(self, c: &mut Config) -> Result<(), ConfigError> {
+    pub(crate) fn apply(mut self, c: &mut Config) -> Result<(), ConfigError> {
+        self.apply_tls(c)?;
         if let Some(v) = self.listen {
             c.listen = v.value;
         }
@@ -411,6 +556,18 @@ impl Scalars {
         }
         if let Some(v) = self.write_functions {
             c.write_functions = v.value;
+        }
+        if let Some(v) = self.auth_user {
+            c.auth_user = v.value;
+        }
+        if let Some(v) = self.auth_query {
+            c.auth_query = v.value;
+        }
+        if let Some(v) = self.auth_dbname {
+            c.auth_dbname = v.value;
+        }
+        if let Some(v) = self.auth_query_cache {
+            c.auth_query_cache = v.value;
         }
         if let Some(v) = self.auth_file {
             let path = std::path::PathBuf::from(&v.value);

@@ -99,6 +99,7 @@ fn zero_config_database_url_only() {
                     port: 5432,
                     dbname: "app".into(),
                     params: BTreeMap::new(),
+                    tls: Default::default(),
                 },
                 replicas: vec![],
                 pool_size: None,
@@ -556,7 +557,7 @@ fn scalar_parsing_variants() {
 #[test]
 fn redaction() {
     let f = tmp(
-        "[databases.app]\nurl = \"postgres://app:s3cr3t-url@db-host:5432/app?sslmode=verify-full\"\n\
+        "[databases.app]\nurl = \"postgres://app:s3cr3t-url@db-host:5432/app?sslmode=verify-full&sslrootcert=system\"\n\
          replicas = [\"postgres://app:s3cr3t-url@replica/app?password=s3cr3t-url\"]\n\
          [databases.other]\nurl = \"postgres://%2Ftmp%2Fpg:5433/other\"\n\
          [users.bob]\npassword = \"s3cr3t-file\"\npool_size = 4\n\
@@ -1697,4 +1698,229 @@ fn server_auth_and_aws_region() {
         assert!(e.message.contains(needle), "{text}: {}", e.message);
         assert!(e.to_string().contains(key), "{e}");
     }
+}
+
+#[test]
+fn auth_query_keys() {
+    // Defaults: no auth_user (no lookup), PgBouncer's query, a 10s cache.
+    let (_f, r) = load_file(DB);
+    let c = r.unwrap();
+    assert_eq!(c.auth_user, None);
+    assert_eq!(c.auth_dbname, None);
+    assert_eq!(c.auth_query, DEFAULT_AUTH_QUERY);
+    assert!(c.auth_query.contains("$1"));
+    assert_eq!(c.auth_query_cache, Duration::from_secs(10));
+
+    // From the file, with the auth_user's password in [users].
+    let (_f, r) = load_file(&format!(
+        "auth_user = \"lookup\"\nauth_query = \"SELECT * FROM pgmux.lookup($1)\"\n\
+         auth_dbname = \"app\"\nauth_query_cache = \"0\"\n\
+         [users.lookup]\npassword = \"lookup-s3cret\"\n{DB}"
+    ));
+    let c = r.unwrap();
+    assert_eq!(c.auth_user.as_deref(), Some("lookup"));
+    assert_eq!(c.auth_query, "SELECT * FROM pgmux.lookup($1)");
+    assert_eq!(c.auth_dbname.as_deref(), Some("app"));
+    assert_eq!(c.auth_query_cache, Duration::ZERO);
+    // Shown (never the password), and loading the output gives the same settings.
+    let out = c.to_redacted_toml();
+    assert!(
+        out.contains("auth_user = \"lookup\"") && !out.contains("lookup-s3cret"),
+        "{out}"
+    );
+    let s = c.settings();
+    let get = |k: &str| {
+        s.iter()
+            .find(|x| x.key == k)
+            .unwrap_or_else(|| panic!("{k}"))
+    };
+    assert_eq!(get("auth_query_cache").value, "0s");
+    assert_eq!(get("auth_query_cache").default, "10s");
+    assert_eq!(get("auth_query").default, DEFAULT_AUTH_QUERY);
+    // Reload only: not changeable live.
+    for k in ["auth_user", "auth_query", "auth_query_cache", "auth_dbname"] {
+        assert!(!get(k).changeable, "{k}");
+        let e = c
+            .with_changes(&[(k.to_string(), "x".to_string())])
+            .unwrap_err();
+        assert!(e.message.contains("cannot be changed"), "{k}: {e}");
+    }
+
+    // From the environment; the DATABASE_URL user's password serves the auth_user.
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://owner:url-pw@h/app"),
+            ("PGMUX_AUTH_USER", "owner"),
+            ("PGMUX_AUTH_QUERY", "SELECT u, p FROM f($1)"),
+            ("PGMUX_AUTH_QUERY_CACHE", "1m"),
+            ("PGMUX_AUTH_DBNAME", "app"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.auth_user.as_deref(), Some("owner"));
+    assert_eq!(c.auth_query, "SELECT u, p FROM f($1)");
+    assert_eq!(c.auth_query_cache, Duration::from_secs(60));
+    assert_eq!(c.auth_dbname.as_deref(), Some("app"));
+
+    // A plain or md5 auth_file entry serves it too.
+    let users = tmp("\"filer\" \"md50123456789abcdef0123456789abcdef\"\n");
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            ("PGMUX_AUTH_FILE", users.path.to_str().unwrap()),
+            ("PGMUX_AUTH_USER", "filer"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.auth_user.as_deref(), Some("filer"));
+
+    // No password for auth_user: an error naming the key and its origin.
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            ("PGMUX_AUTH_USER", "nobody"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "auth_user");
+    assert_eq!(e.origin, Origin::Env("PGMUX_AUTH_USER".into()));
+    assert!(e.message.contains("no password"), "{e}");
+    // ... unless RDS IAM makes the password.
+    load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            ("PGMUX_AUTH_USER", "nobody"),
+            ("PGMUX_SERVER_AUTH", "rds_iam"),
+        ]),
+    )
+    .unwrap();
+
+    // A query without $1, an unknown auth_dbname, wrong types.
+    let (f, r) = load_file(&format!(
+        "auth_query = \"SELECT usename, passwd FROM pg_shadow\"\n{DB}"
+    ));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "auth_query");
+    assert_eq!(e.origin, file_origin(&f, 1));
+    assert!(e.message.contains("$1"), "{e}");
+    let (_f, r) = load_file(&format!("auth_dbname = \"elsewhere\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(e.key, "auth_dbname");
+    assert!(
+        e.message.contains("elsewhere") && e.message.contains("app"),
+        "{e}"
+    );
+    for (text, key) in [
+        ("auth_query_cache = \"soon\"", "auth_query_cache"),
+        ("auth_user = 3", "auth_user"),
+        ("auth_query = true", "auth_query"),
+    ] {
+        let (_f, r) = load_file(&format!("{text}\n{DB}"));
+        assert_eq!(r.unwrap_err().key, key, "{text}");
+    }
+}
+
+#[test]
+fn tls_settings() {
+    use crate::{ClientTlsMode, SslMode};
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("c.pem");
+    let key = dir.path().join("k.pem");
+    std::fs::write(&cert, "x").unwrap();
+    std::fs::write(&key, "x").unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let url = "postgres://u:p@db-host/app";
+    // Defaults: prefer toward servers, no client TLS.
+    let c = load(&Flags::default(), &env(&[("DATABASE_URL", url)])).unwrap();
+    assert_eq!(c.client_tls.mode, ClientTlsMode::Disable);
+    assert_eq!(c.databases["app"].primary.tls.mode, SslMode::Prefer);
+    // A certificate turns TLS on for clients that ask.
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", url),
+            ("PGMUX_CLIENT_TLS_CERT_FILE", cert),
+            ("PGMUX_CLIENT_TLS_KEY_FILE", key),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.client_tls.mode, ClientTlsMode::Allow);
+    // require without a certificate names the key; a certificate without its key too.
+    let e = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", url), ("PGMUX_CLIENT_TLS_MODE", "require")]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("client_tls_mode"), "{e}");
+    let e = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", url), ("PGMUX_CLIENT_TLS_CERT_FILE", cert)]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("client_tls_key_file"), "{e}");
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", url),
+            ("PGMUX_CLIENT_TLS_MODE", "sometimes"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("client_tls_mode"), "{e}");
+    // The URL's sslmode wins over server_tls_mode; verify-full needs a CA.
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://u:p@db-host/app?sslmode=require"),
+            ("PGMUX_SERVER_TLS_MODE", "disable"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.databases["app"].primary.tls.mode, SslMode::Require);
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", url),
+            ("PGMUX_SERVER_TLS_MODE", "verify-full"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("server_tls_ca_file"), "{e}");
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", url),
+            ("PGMUX_SERVER_TLS_MODE", "verify-full"),
+            ("PGMUX_SERVER_TLS_CA_FILE", cert),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.databases["app"].primary.tls.mode, SslMode::VerifyFull);
+    assert_eq!(
+        c.databases["app"].primary.tls.root_cert.as_deref(),
+        Some(std::path::Path::new(cert))
+    );
+    // Unix sockets never use TLS.
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgresql:///app?host=/tmp&user=u"),
+            ("PGMUX_SERVER_TLS_MODE", "require"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.databases["app"].primary.tls.mode, SslMode::Disable);
+    let e = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", url),
+            ("PGMUX_SERVER_TLS_CA_FILE", "/nonexistent/ca.pem"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("server_tls_ca_file"), "{e}");
 }

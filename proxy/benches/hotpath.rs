@@ -133,6 +133,7 @@ fn server_addr() -> Arc<ServerAddr> {
         port: 5432,
         dbname: "x".into(),
         params: Default::default(),
+        tls: Default::default(),
     })
 }
 

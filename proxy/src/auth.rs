@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 type HmacSha256 = Hmac<Sha256>;
 
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// SCRAM with `tls-server-end-point` channel binding, over TLS only.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The gs2 header of a client that binds to the server's certificate.
+const GS2_END_POINT: &str = "p=tls-server-end-point";
 
 /// What a client must prove knowledge of, in PostgreSQL's `SCRAM-SHA-256$iter:salt$stored:server` form.
 #[derive(Clone)]
@@ -88,16 +92,22 @@ pub enum ScramError {
 pub struct ScramServer<'a> {
     verifier: &'a ScramVerifier,
     client_first_bare: String,
-    gs2_header: String,
+    /// What the client must send back base64-encoded in `c=`: its gs2 header, plus the
+    /// channel binding data when it bound to the channel.
+    channel: Vec<u8>,
     server_first: String,
     nonce: String,
 }
 
 impl<'a> ScramServer<'a> {
     /// Handles client-first-message; returns the exchange and server-first-message.
+    /// `binding`: the connection's `tls-server-end-point` data (TLS only; then
+    /// SCRAM-SHA-256-PLUS was offered). `plus`: the client chose SCRAM-SHA-256-PLUS.
     pub fn start(
         verifier: &'a ScramVerifier,
         client_first: &[u8],
+        binding: Option<&[u8]>,
+        plus: bool,
     ) -> Result<(Self, String), ScramError> {
         let msg =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
@@ -105,18 +115,27 @@ impl<'a> ScramServer<'a> {
         let (flag, rest) = msg
             .split_once(',')
             .ok_or(ScramError::Malformed("gs2 header"))?;
-        match flag {
-            "n" | "y" => {}
-            f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
+        let bound = match (flag, plus, binding) {
+            (GS2_END_POINT, true, Some(data)) => Some(data),
+            (_, true, _) => return Err(ScramError::ChannelBinding),
+            ("n", false, _) => None,
+            // "y": the client could bind but thinks the server cannot. This server
+            // offered -PLUS, so something removed it on the way: refuse (RFC 5802 §6).
+            ("y", false, None) => None,
+            ("y", false, Some(_)) => return Err(ScramError::ChannelBinding),
+            (f, false, _) if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed("gs2 cbind flag")),
-        }
+        };
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::Malformed("gs2 header"))?;
         if !authzid.is_empty() && !authzid.starts_with("a=") {
             return Err(ScramError::Malformed("authzid"));
         }
-        let gs2_header = format!("{flag},{authzid},");
+        let mut channel = format!("{flag},{authzid},").into_bytes();
+        if let Some(data) = bound {
+            channel.extend_from_slice(data);
+        }
         // client-first-bare: [reserved-mext ","] username "," nonce ["," extensions]
         let mut client_nonce = None;
         for attr in bare.split(',') {
@@ -148,7 +167,7 @@ impl<'a> ScramServer<'a> {
             ScramServer {
                 verifier,
                 client_first_bare: bare.to_owned(),
-                gs2_header,
+                channel,
                 server_first: server_first.clone(),
                 nonce,
             },
@@ -177,7 +196,7 @@ impl<'a> ScramServer<'a> {
         let channel = B64
             .decode(channel)
             .map_err(|_| ScramError::Malformed("channel binding"))?;
-        if channel != self.gs2_header.as_bytes() {
+        if !constant_time_eq(&channel, &self.channel) {
             return Err(ScramError::ChannelBinding);
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -224,22 +243,32 @@ impl std::fmt::Debug for ScramKeys {
 /// server's salt and iterations must be the verifier's: the keys derive from them.
 pub struct ScramKeyClient<'a> {
     keys: &'a ScramKeys,
+    /// base64 of the gs2 header (and channel binding data) for `c=`.
+    channel: String,
     client_first_bare: String,
     nonce: String,
     auth_message: Option<String>,
 }
 
 impl<'a> ScramKeyClient<'a> {
-    /// Returns the client and client-first-message.
-    pub fn start(keys: &'a ScramKeys) -> (Self, String) {
+    /// Returns the client and client-first-message. `binding`: the server's
+    /// `tls-server-end-point` data, to use SCRAM-SHA-256-PLUS.
+    pub fn start(keys: &'a ScramKeys, binding: Option<&[u8]>) -> (Self, String) {
         let mut raw = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut raw);
         let nonce = B64.encode(raw);
         let client_first_bare = format!("n=,r={nonce}");
-        let first = format!("n,,{client_first_bare}");
+        let gs2 = match binding {
+            Some(_) => format!("{GS2_END_POINT},,"),
+            None => "n,,".to_owned(),
+        };
+        let first = format!("{gs2}{client_first_bare}");
+        let mut channel = gs2.into_bytes();
+        channel.extend_from_slice(binding.unwrap_or_default());
         (
             ScramKeyClient {
                 keys,
+                channel: B64.encode(channel),
                 client_first_bare,
                 nonce,
                 auth_message: None,
@@ -277,7 +306,7 @@ impl<'a> ScramKeyClient<'a> {
             // cannot answer it.
             return Err(ScramError::BadProof);
         }
-        let without_proof = format!("c=biws,r={nonce}");
+        let without_proof = format!("c={},r={nonce}", self.channel);
         let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
         let client_signature = hmac(&self.keys.verifier.stored_key, auth_message.as_bytes());
         let mut proof = [0u8; 32];
@@ -364,7 +393,7 @@ mod tests {
         let verifier = ScramVerifier::derive(password_server);
         let mut client =
             ScramSha256::new(password_client.as_bytes(), ChannelBinding::unsupported());
-        let (server, first) = ScramServer::start(&verifier, client.message())?;
+        let (server, first) = ScramServer::start(&verifier, client.message(), None, false)?;
         client.update(first.as_bytes()).unwrap();
         let (fin, _) = server.finish(client.message())?;
         client
@@ -379,31 +408,79 @@ mod tests {
         // then answers a second exchange (the "server") holding the same verifier.
         let verifier = ScramVerifier::derive("s3cret");
         let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
-        let (server, first) = ScramServer::start(&verifier, client.message()).unwrap();
+        let (server, first) = ScramServer::start(&verifier, client.message(), None, false).unwrap();
         client.update(first.as_bytes()).unwrap();
         let (_, client_key) = server.finish(client.message()).unwrap();
         let keys = ScramKeys {
             verifier: verifier.clone(),
             client_key,
         };
-        let (mut pass, first) = ScramKeyClient::start(&keys);
-        let (upstream, server_first) = ScramServer::start(&verifier, first.as_bytes()).unwrap();
+        let (mut pass, first) = ScramKeyClient::start(&keys, None);
+        let (upstream, server_first) =
+            ScramServer::start(&verifier, first.as_bytes(), None, false).unwrap();
         let fin = pass.update(server_first.as_bytes()).unwrap();
         let (server_final, _) = upstream.finish(fin.as_bytes()).unwrap();
         pass.finish(server_final.as_bytes()).unwrap();
         // Another verifier of the same password (another salt): the keys do not fit.
         let other = ScramVerifier::derive("s3cret");
-        let (mut pass, first) = ScramKeyClient::start(&keys);
-        let (_, server_first) = ScramServer::start(&other, first.as_bytes()).unwrap();
+        let (mut pass, first) = ScramKeyClient::start(&keys, None);
+        let (_, server_first) = ScramServer::start(&other, first.as_bytes(), None, false).unwrap();
         assert_eq!(
             pass.update(server_first.as_bytes()),
             Err(ScramError::BadProof)
         );
         // A wrong server signature is refused.
-        let (mut pass, first) = ScramKeyClient::start(&keys);
-        let (_, server_first) = ScramServer::start(&verifier, first.as_bytes()).unwrap();
+        let (mut pass, first) = ScramKeyClient::start(&keys, None);
+        let (_, server_first) =
+            ScramServer::start(&verifier, first.as_bytes(), None, false).unwrap();
         pass.update(server_first.as_bytes()).unwrap();
         assert!(pass.finish(b"v=AAAA").is_err());
+    }
+
+    #[test]
+    fn channel_binding_plus_with_a_real_client() {
+        let verifier = ScramVerifier::derive("s3cret");
+        let data = b"certificate hash".to_vec();
+        let mut client = ScramSha256::new(
+            b"s3cret",
+            ChannelBinding::tls_server_end_point(data.clone()),
+        );
+        let (server, first) =
+            ScramServer::start(&verifier, client.message(), Some(&data), true).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (fin, client_key) = server.finish(client.message()).unwrap();
+        client.finish(fin.as_bytes()).unwrap();
+        // Bound to another certificate (a man in the middle): refused.
+        let mut client = ScramSha256::new(
+            b"s3cret",
+            ChannelBinding::tls_server_end_point(b"other".to_vec()),
+        );
+        let (server, first) =
+            ScramServer::start(&verifier, client.message(), Some(&data), true).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        assert_eq!(
+            server.finish(client.message()).map(|_| ()),
+            Err(ScramError::ChannelBinding)
+        );
+        // "y" (client could bind, thinks we cannot) while we offered -PLUS: refused.
+        assert!(ScramServer::start(&verifier, b"y,,n=,r=abc", Some(&data), false).is_err());
+        assert!(ScramServer::start(&verifier, b"y,,n=,r=abc", None, false).is_ok());
+        // -PLUS without channel data, or a binding type we do not have: refused.
+        assert!(
+            ScramServer::start(&verifier, b"p=tls-server-end-point,,n=,r=a", None, true).is_err()
+        );
+        assert!(ScramServer::start(&verifier, b"p=tls-unique,,n=,r=a", Some(&data), true).is_err());
+        // Passthrough keys bind too.
+        let keys = ScramKeys {
+            verifier: verifier.clone(),
+            client_key,
+        };
+        let (mut pass, first) = ScramKeyClient::start(&keys, Some(&data));
+        let (upstream, server_first) =
+            ScramServer::start(&verifier, first.as_bytes(), Some(&data), true).unwrap();
+        let fin = pass.update(server_first.as_bytes()).unwrap();
+        let (server_final, _) = upstream.finish(fin.as_bytes()).unwrap();
+        pass.finish(server_final.as_bytes()).unwrap();
     }
 
     #[test]
@@ -430,10 +507,10 @@ mod tests {
     #[test]
     fn scram_rejects_garbage() {
         let v = ScramVerifier::derive("x");
-        assert!(ScramServer::start(&v, b"").is_err());
-        assert!(ScramServer::start(&v, b"p=tls-server-end-point,,n=,r=abc").is_err());
-        assert!(ScramServer::start(&v, b"n,,n=,").is_err());
-        let (s, _) = ScramServer::start(&v, b"n,,n=,r=abc").unwrap();
+        assert!(ScramServer::start(&v, b"", None, false).is_err());
+        assert!(ScramServer::start(&v, b"p=tls-server-end-point,,n=,r=abc", None, false).is_err());
+        assert!(ScramServer::start(&v, b"n,,n=,", None, false).is_err());
+        let (s, _) = ScramServer::start(&v, b"n,,n=,r=abc", None, false).unwrap();
         assert!(s.finish(b"c=biws,r=abc,p=AAAA").is_err());
     }
 

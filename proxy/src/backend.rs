@@ -32,9 +32,10 @@ use crate::sockio;
 /// Largest message accepted from a server during login.
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 
-/// A byte stream to PostgreSQL: TCP or a unix socket.
+/// A byte stream to PostgreSQL: TCP, TLS over TCP, or a unix socket.
 pub enum ServerStream {
     Tcp(TcpStream),
+    Tls(Box<crate::tls::ServerTlsStream>),
     Unix(UnixStream),
 }
 
@@ -53,13 +54,32 @@ impl ServerStream {
     }
 
     /// Opens a connection that may live long (pool servers, health checks): a TCP one also
-    /// gets `tcp`'s keepalive and user timeout (see [`crate::tcp`]).
-    pub async fn connect_with(addr: &ServerAddr, tcp: &TcpSettings) -> io::Result<Self> {
+    /// gets `tcp`'s keepalive and user timeout (see [`crate::tcp`]), and TLS as the
+    /// server's `sslmode` says.
+    pub async fn connect_with(addr: &ServerAddr, tcp: &TcpSettings) -> Result<Self, ConnectError> {
         let s = Self::connect(addr).await?;
-        if let ServerStream::Tcp(t) = &s {
-            crate::tcp::apply_or_warn(t, tcp, "server");
+        let ServerStream::Tcp(t) = s else {
+            return Ok(s);
+        };
+        crate::tcp::apply_or_warn(&t, tcp, "server");
+        Ok(match crate::tls::connect(t, addr).await? {
+            crate::tls::Negotiated::Tls(t) => ServerStream::Tls(t),
+            crate::tls::Negotiated::Plain(t) => ServerStream::Tcp(t),
+        })
+    }
+
+    /// `tls-server-end-point` channel binding data, on a TLS connection.
+    pub fn end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            ServerStream::Tls(t) => t.end_point(),
+            _ => None,
         }
-        Ok(s)
+    }
+
+    /// Writes all of `bytes` and flushes (TLS keeps records until flushed).
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes).await?;
+        self.flush().await
     }
 
     /// Non-blocking check of an idle connection: true if the peer closed it or sent
@@ -68,6 +88,7 @@ impl ServerStream {
         let mut probe = [0u8; 1];
         let r = match self {
             ServerStream::Tcp(s) => s.try_read(&mut probe),
+            ServerStream::Tls(s) => return s.looks_dead(),
             ServerStream::Unix(s) => s.try_read(&mut probe),
         };
         match r {
@@ -87,6 +108,7 @@ impl ServerStream {
     ) -> Poll<io::Result<usize>> {
         match self {
             ServerStream::Tcp(s) => sockio::poll_read_drain(s, buf, cx),
+            ServerStream::Tls(s) => s.poll_read_buf(buf, cx),
             ServerStream::Unix(s) => sockio::poll_read_drain(s, buf, cx),
         }
     }
@@ -99,7 +121,17 @@ impl ServerStream {
     ) -> Poll<io::Result<usize>> {
         match self {
             ServerStream::Tcp(s) => sockio::poll_write_buf(s, buf, cx),
+            ServerStream::Tls(s) => s.poll_write_buf(buf, cx),
             ServerStream::Unix(s) => sockio::poll_write_buf(s, buf, cx),
+        }
+    }
+
+    /// Whether the write side must be polled although nothing is queued (TLS records
+    /// rustls could not hand to the socket yet).
+    pub fn wants_flush(&self) -> bool {
+        match self {
+            ServerStream::Tls(s) => s.wants_flush(),
+            _ => false,
         }
     }
 }
@@ -112,6 +144,7 @@ impl AsyncRead for ServerStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -125,27 +158,44 @@ impl AsyncWrite for ServerStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
+}
+
+/// Opening a server connection failed: the socket, or TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::ServerTlsError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("could not connect to server {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    #[error("SSL connection to server {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: crate::tls::ServerTlsError,
+    },
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(String),
     #[error("server {addr} rejected the login: {fields}")]
@@ -382,9 +432,21 @@ impl Server {
         let fut = async {
             let stream = ServerStream::connect_with(addr, tcp)
                 .await
-                .map_err(|source| BackendError::Connect {
-                    addr: name.clone(),
-                    source,
+                .map_err(|e| match e {
+                    ConnectError::Io(source) => BackendError::Connect {
+                        addr: name.clone(),
+                        source,
+                    },
+                    ConnectError::Tls(crate::tls::ServerTlsError::Io(source)) => {
+                        BackendError::Connect {
+                            addr: name.clone(),
+                            source,
+                        }
+                    }
+                    ConnectError::Tls(source) => BackendError::Tls {
+                        addr: name.clone(),
+                        source,
+                    },
                 })?;
             login(stream, addr, &name, user, cred).await
         };
@@ -417,7 +479,7 @@ impl Server {
     ) -> Result<Result<(), ErrorFields>, ProtocolError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         messages::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.stream.send(&out).await?;
         let mut error = None;
         let mut rows = 0;
         loop {
@@ -447,7 +509,7 @@ impl Server {
     /// ReadyForQuery. Anything else (a FATAL, EOF, a transaction status other than idle)
     /// is an error; the server must then be closed.
     pub async fn ping(&mut self) -> Result<(), ProtocolError> {
-        self.stream.write_all(&[b'S', 0, 0, 0, 4]).await?;
+        self.stream.send(&[b'S', 0, 0, 0, 4]).await?;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
@@ -459,7 +521,10 @@ impl Server {
         }
     }
 
-    async fn read_frame(&mut self) -> Result<crate::protocol::frame::Frame, ProtocolError> {
+    /// The next whole message (at most 1 MiB: login and internal queries only).
+    pub(crate) async fn read_frame(
+        &mut self,
+    ) -> Result<crate::protocol::frame::Frame, ProtocolError> {
         loop {
             if let Some(f) = split_frame(&mut self.buf, MAX_LOGIN_MESSAGE)? {
                 return Ok(f);
@@ -475,7 +540,7 @@ impl Server {
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
         messages::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.send(&out)).await;
     }
 }
 
@@ -513,10 +578,12 @@ async fn login(
     startup_message(&mut out, &[("user", user), ("database", &addr.dbname)]);
     server
         .stream
-        .write_all(&out)
+        .send(&out)
         .await
         .map_err(|e| proto(e.into()))?;
 
+    // Over TLS, SCRAM binds to the server's certificate when the server offers -PLUS.
+    let binding = server.stream.end_point();
     let mut scram: Option<ScramSha256> = None;
     let mut keyed: Option<crate::auth::ScramKeyClient> = None;
     let mut startup = Vec::new();
@@ -562,10 +629,16 @@ async fn login(
                         password_message(&mut out, hash.as_bytes());
                     }
                     10 => {
-                        let offers_scram = data
-                            .split(|b| *b == 0)
-                            .any(|m| m == crate::auth::SCRAM_SHA_256.as_bytes());
-                        if !offers_scram {
+                        let offers =
+                            |name: &str| data.split(|b| *b == 0).any(|m| m == name.as_bytes());
+                        let bind = binding
+                            .as_deref()
+                            .filter(|_| offers(crate::auth::SCRAM_SHA_256_PLUS));
+                        let mechanism = match bind {
+                            Some(_) => crate::auth::SCRAM_SHA_256_PLUS,
+                            None => crate::auth::SCRAM_SHA_256,
+                        };
+                        if bind.is_none() && !offers(crate::auth::SCRAM_SHA_256) {
                             return Err(BackendError::UnsupportedAuth {
                                 addr: name.to_owned(),
                                 what: format!(
@@ -575,23 +648,16 @@ async fn login(
                             });
                         }
                         if let Credential::Keys(keys) = cred {
-                            let (k, first) = crate::auth::ScramKeyClient::start(keys);
-                            sasl_initial_response(
-                                &mut out,
-                                crate::auth::SCRAM_SHA_256,
-                                first.as_bytes(),
-                            );
+                            let (k, first) = crate::auth::ScramKeyClient::start(keys, bind);
+                            sasl_initial_response(&mut out, mechanism, first.as_bytes());
                             keyed = Some(k);
                         } else {
-                            let s = ScramSha256::new(
-                                need_password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            sasl_initial_response(
-                                &mut out,
-                                crate::auth::SCRAM_SHA_256,
-                                s.message(),
-                            );
+                            let channel = match bind {
+                                Some(data) => ChannelBinding::tls_server_end_point(data.to_vec()),
+                                None => ChannelBinding::unsupported(),
+                            };
+                            let s = ScramSha256::new(need_password()?.as_bytes(), channel);
+                            sasl_initial_response(&mut out, mechanism, s.message());
                             scram = Some(s);
                         }
                     }
@@ -632,7 +698,7 @@ async fn login(
                 if !out.is_empty() {
                     server
                         .stream
-                        .write_all(&out)
+                        .send(&out)
                         .await
                         .map_err(|e| proto(e.into()))?;
                 }

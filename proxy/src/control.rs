@@ -901,6 +901,8 @@ impl Control for Shared {
         // brought in line below) or reads the new configuration.
         let _layout = self.lock_layout();
         self.config.store(new.clone());
+        // auth_user, auth_query or the cache's lifetime may have changed.
+        self.auth_query.clear();
         // The file and environment are the truth again: live per-pool limits go.
         for p in self.all_pools() {
             *p.overrides.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
@@ -918,6 +920,7 @@ impl Control for Shared {
         }
         self.sync_replicas(&new);
         self.apply_limits(&new);
+        self.refresh_client_tls();
         tracing::info!("configuration reloaded");
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! * [`backend`] — server connections: connect, log in, protocol bookkeeping.
 //! * [`params`] — client session parameters re-applied on every server a client meets.
 //! * [`auth`] — server side of SCRAM-SHA-256 and MD5 for clients.
+//! * [`authquery`] — `auth_user`/`auth_query`: secrets looked up in PostgreSQL, cached.
 //! * [`cancel`] — CancelRequest routing to the server serving a client *now*.
 //! * [`relay`] — per-message bookkeeping while linked (response queue, statement rewriting).
 //! * [`prepared`] — named prepared statements that follow clients across servers.
@@ -23,6 +24,7 @@
 //! cancel registry, client count, shutdown signal) and the accept loop.
 
 pub mod auth;
+pub mod authquery;
 pub mod backend;
 pub mod cancel;
 pub mod control;
@@ -38,6 +40,7 @@ pub mod routing;
 pub mod session;
 pub mod sockio;
 pub mod tcp;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
@@ -102,6 +105,10 @@ pub struct Shared {
     /// RDS IAM tokens and AWS credentials, shared by every pool (`server_auth =
     /// "rds_iam"`); created by the first pool that needs it.
     rds_iam: std::sync::OnceLock<Arc<rds_iam::TokenSource>>,
+    /// Secrets found by `auth_query`, per (database, user).
+    pub auth_query: authquery::AuthQueryCache,
+    /// The client-facing TLS acceptor, swapped when its files change.
+    pub client_tls: tls::ClientTls,
 }
 
 impl Shared {
@@ -135,6 +142,8 @@ impl Shared {
             reloader: std::sync::Mutex::new(None),
             layout: std::sync::Mutex::new(()),
             rds_iam: std::sync::OnceLock::new(),
+            auth_query: Default::default(),
+            client_tls: tls::ClientTls::default(),
         })
     }
 
@@ -341,6 +350,21 @@ impl Shared {
         out
     }
 
+    /// Rebuilds the client TLS acceptor if its settings or files changed (every second,
+    /// and at reload). A broken file is logged; the previous certificate stays.
+    pub fn refresh_client_tls(&self) {
+        match self.client_tls.refresh(&self.config.load().client_tls) {
+            Ok(true) => tracing::info!("client TLS certificate loaded"),
+            Ok(false) => {}
+            Err(e) => {
+                // Once per change of the error, not every second.
+                if self.client_tls.note_error(&e) {
+                    tracing::error!(error = %e, "client TLS certificate not reloaded; the previous one stays");
+                }
+            }
+        }
+    }
+
     /// The SCRAM verifier for a user's configured password, derived once.
     pub fn verifier(&self, user: &str, password: &str) -> Arc<ScramVerifier> {
         if let Some(e) = self.verifiers.get(user) {
@@ -377,8 +401,13 @@ impl Proxy {
         socket.set_nodelay(true)?;
         socket.bind(addr)?;
         let listener = socket.listen(4096)?;
+        let shared = Shared::new(config);
+        shared
+            .client_tls
+            .refresh(&shared.config.load().client_tls)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         Ok(Proxy {
-            shared: Shared::new(config),
+            shared,
             listener,
             tracker: TaskTracker::new(),
         })
@@ -516,6 +545,7 @@ async fn maintenance(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         shared.metrics.run_upkeep();
+        shared.refresh_client_tls();
         let idle_timeout = shared.config.load().server_idle_timeout;
         for p in shared.all_pools() {
             let n = p.reap_idle(idle_timeout);

@@ -609,6 +609,17 @@ impl Pool {
         self.scram_keys.store(Some(keys));
     }
 
+    /// auth_query: the plain password or md5 hash found for a user pgmux has no
+    /// configured secret for; None for a SCRAM verifier (its servers log in with the
+    /// keys of [`Pool::set_scram_keys`]). Servers opened from now on use it; open ones
+    /// stay (unlike [`Pool::update_target`], nothing is recycled). A reload keeps it, as
+    /// it keeps the password of a user no longer configured.
+    pub fn set_looked_up_password(&self, secret: Option<&Secret>) {
+        if self.password.load().as_deref() != secret {
+            self.password.store(secret.cloned().map(Arc::new));
+        }
+    }
+
     pub fn set_check_delay(&self, delay: Duration) {
         self.check_delay_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);

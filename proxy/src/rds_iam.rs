@@ -66,10 +66,10 @@ impl std::fmt::Debug for AwsCredentials {
 /// Why no token could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum RdsIamError {
-    #[error("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where AWS_CONTAINER_CREDENTIALS_FULL_URI / AWS_CONTAINER_CREDENTIALS_RELATIVE_URI is set)")]
+    #[error("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where AWS_CONTAINER_CREDENTIALS_FULL_URI / AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN is set)")]
     NoCredentials,
-    #[error("web identity credentials need TLS support (issue 8, not yet built): AWS_WEB_IDENTITY_TOKEN_FILE is set but pgmux cannot call STS over HTTPS yet; provide AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or container credentials instead")]
-    WebIdentityNeedsTls,
+    #[error("web identity (STS AssumeRoleWithWebIdentity at {url}): {msg}")]
+    WebIdentity { url: String, msg: String },
     #[error("AWS credentials: {0}")]
     Invalid(String),
     #[error("container credentials endpoint {url}: {msg}")]
@@ -236,7 +236,9 @@ pub fn resolve_region(configured: Option<&str>, env: &EnvLookup) -> Option<Strin
 ///    `http://169.254.170.2`) or `AWS_CONTAINER_CREDENTIALS_FULL_URI`, with the
 ///    `Authorization` header from `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` or
 ///    `AWS_CONTAINER_AUTHORIZATION_TOKEN`;
-/// 3. `AWS_WEB_IDENTITY_TOKEN_FILE`: an error until pgmux has a TLS client.
+/// 3. web identity (EKS IRSA): `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`
+///    (+ `AWS_ROLE_SESSION_NAME`), exchanged at STS `AssumeRoleWithWebIdentity` over
+///    HTTPS (see [`web_identity_credentials`]).
 pub fn load_credentials(env: &EnvLookup) -> Result<AwsCredentials, RdsIamError> {
     match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
         (Some(id), Some(secret)) => {
@@ -262,8 +264,8 @@ pub fn load_credentials(env: &EnvLookup) -> Result<AwsCredentials, RdsIamError> 
     if let Some(url) = container_url(env)? {
         return container_credentials(&url, container_auth(env)?.as_ref());
     }
-    if env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some() {
-        return Err(RdsIamError::WebIdentityNeedsTls);
+    if let Some(token_file) = env("AWS_WEB_IDENTITY_TOKEN_FILE") {
+        return web_identity_credentials(env, &token_file);
     }
     Err(RdsIamError::NoCredentials)
 }
@@ -348,6 +350,126 @@ pub fn container_credentials(
         .read_to_string()
         .map_err(|e| err(e.to_string()))?;
     parse_container_response(&body).map_err(err)
+}
+
+/// The STS endpoint: `AWS_ENDPOINT_URL_STS`, else `AWS_ENDPOINT_URL`, else the regional
+/// one (`AWS_REGION` / `AWS_DEFAULT_REGION`), else the global one.
+fn sts_endpoint(env: &EnvLookup) -> String {
+    if let Some(u) = env("AWS_ENDPOINT_URL_STS").or_else(|| env("AWS_ENDPOINT_URL")) {
+        return u;
+    }
+    match resolve_region(None, env) {
+        Some(r) => format!("https://sts.{r}.amazonaws.com/"),
+        None => "https://sts.amazonaws.com/".to_owned(),
+    }
+}
+
+/// `AssumeRoleWithWebIdentity` (an unsigned STS call: the token is the proof) with the
+/// token read from `token_file` now (Kubernetes rotates it), over HTTPS verified against
+/// the system CA bundle (`SSL_CERT_FILE` first).
+pub fn web_identity_credentials(
+    env: &EnvLookup,
+    token_file: &str,
+) -> Result<AwsCredentials, RdsIamError> {
+    let url = sts_endpoint(env);
+    let err = |msg: String| RdsIamError::WebIdentity {
+        url: url.clone(),
+        msg,
+    };
+    let role = env("AWS_ROLE_ARN")
+        .ok_or_else(|| err("AWS_WEB_IDENTITY_TOKEN_FILE is set but AWS_ROLE_ARN is not".into()))?;
+    let token = std::fs::read_to_string(token_file).map_err(|e| {
+        err(format!(
+            "cannot read AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"
+        ))
+    })?;
+    let session = env("AWS_ROLE_SESSION_NAME").unwrap_or_else(|| {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("pgmux-{}", t.as_secs())
+    });
+    let roots = crate::tls::system_roots().map_err(err)?;
+    let roots: Vec<ureq::tls::Certificate<'static>> = roots
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .unversioned_rustls_crypto_provider(crate::tls::crypto_provider())
+        .build();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let form = format!(
+        "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn={}&RoleSessionName={}&WebIdentityToken={}",
+        uri_encode(&role),
+        uri_encode(&session),
+        uri_encode(token.trim())
+    );
+    let mut resp = agent
+        .post(&url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header("Accept", "application/xml")
+        .send(form.as_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| err(e.to_string()))?;
+    if !status.is_success() {
+        // STS errors are <Error><Code>…</Code><Message>…</Message></Error>; no secrets.
+        let code = xml_text(&body, "Code").unwrap_or_default();
+        let message = xml_text(&body, "Message").unwrap_or_default();
+        return Err(err(format!("HTTP {}: {code} {message}", status.as_u16())));
+    }
+    parse_sts_response(&body).map_err(err)
+}
+
+/// The text of the first `<tag>…</tag>`, with XML's five entities decoded.
+fn xml_text(body: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = body.find(&open)? + open.len();
+    let end = start + body[start..].find(&close)?;
+    Some(
+        body[start..end]
+            .trim()
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+fn parse_sts_response(body: &str) -> Result<AwsCredentials, String> {
+    let creds = body
+        .find("<Credentials>")
+        .map(|i| &body[i..])
+        .ok_or("response has no Credentials")?;
+    let field = |t: &str| xml_text(creds, t).filter(|v| !v.is_empty());
+    let (Some(id), Some(secret)) = (field("AccessKeyId"), field("SecretAccessKey")) else {
+        return Err("response lacks AccessKeyId or SecretAccessKey".into());
+    };
+    let expiration = match field("Expiration") {
+        Some(e) => Some(
+            humantime::parse_rfc3339_weak(e.trim_end_matches('Z'))
+                .map_err(|x| format!("bad Expiration {e:?}: {x}"))?,
+        ),
+        None => None,
+    };
+    Ok(AwsCredentials {
+        access_key_id: id,
+        secret_access_key: Secret::new(secret),
+        session_token: field("SessionToken").map(Secret::new),
+        expiration,
+    })
 }
 
 fn parse_container_response(body: &str) -> Result<AwsCredentials, String> {
@@ -767,11 +889,22 @@ print(json.dumps(out))
         let e = load_credentials(&*env_of(&[("AWS_ACCESS_KEY_ID", "K")])).unwrap_err();
         assert!(e.to_string().contains("AWS_SECRET_ACCESS_KEY"), "{e}");
         let e = load_credentials(&*env_of(&[
-            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/token"),
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/nonexistent/token"),
             ("AWS_ROLE_ARN", "arn:aws:iam::1:role/x"),
+            ("AWS_REGION", "eu-west-1"),
         ]))
         .unwrap_err();
-        assert!(e.to_string().contains("need TLS support"), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("cannot read AWS_WEB_IDENTITY_TOKEN_FILE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("https://sts.eu-west-1.amazonaws.com/"),
+            "{text}"
+        );
+        let e = load_credentials(&*env_of(&[("AWS_WEB_IDENTITY_TOKEN_FILE", "/t")])).unwrap_err();
+        assert!(e.to_string().contains("AWS_ROLE_ARN"), "{e}");
         let e = load_credentials(&*env_of(&[(
             "AWS_CONTAINER_CREDENTIALS_FULL_URI",
             "http://10.0.0.1/creds",

@@ -689,6 +689,7 @@ mod tests {
             port,
             dbname: "db".into(),
             params: Default::default(),
+            tls: Default::default(),
         }
     }
 

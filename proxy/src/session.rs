@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use pgmux_config::{AuthSecret, AuthType, Config, ReadRouting, ReadYourWrites};
+use pgmux_config::{AuthSecret, AuthType, ClientTlsMode, Config, ReadRouting, ReadYourWrites};
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -41,7 +41,8 @@ use crate::protocol::messages::{self as msg, ErrorFields, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
 use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
 use crate::routing::{self, next_unit, replayable_len, Choice, Next, ReplicaSet, Target, Unit};
-use crate::sockio;
+use crate::sockio::ClientStream;
+use crate::tls::TlsCell;
 use crate::Shared;
 use pgmux_admin::console::{Access, Reply};
 
@@ -118,15 +119,18 @@ impl DisconnectReason {
 
 /// The client socket with its buffers.
 struct Client {
-    stream: TcpStream,
+    stream: ClientStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Over TLS: the `tls-server-end-point` data of the certificate the client got.
+    end_point: Option<Vec<u8>>,
 }
 
 impl Client {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await?;
         }
         // Not just clear(): the bytes may be a slice of a server's read buffer, which can
         // reuse its memory only once nobody else refers to it.
@@ -199,7 +203,7 @@ impl Client {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
         }
-        sockio::read_drain_small(&self.stream, &mut self.rbuf).await
+        self.stream.read_drain_small(&mut self.rbuf).await
     }
 
     async fn read_frame(&mut self, max: usize) -> Result<Option<Frame>, ProtocolError> {
@@ -233,9 +237,10 @@ async fn serve_client(
 ) -> DisconnectReason {
     let cfg = shared.config.load_full();
     let mut client = Client {
-        stream,
+        stream: ClientStream::Tcp(stream),
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
+        end_point: None,
     };
     // Boxed: the login state machine (SCRAM exchange, first server login) is needed once,
     // and must not make every idle client's task bigger.
@@ -409,8 +414,33 @@ async fn login(
                     return Err(ClientProtocolError);
                 }
                 *answered = true;
-                if client.stream.write_all(b"N").await.is_err() {
+                let acceptor = (code == SSL_REQUEST
+                    && cfg.client_tls.mode != ClientTlsMode::Disable)
+                    .then(|| shared.client_tls.acceptor())
+                    .flatten();
+                let Some(acceptor) = acceptor else {
+                    if client.stream.write_all(b"N").await.is_err() {
+                        return Err(ClientClosed);
+                    }
+                    continue;
+                };
+                if client.stream.write_all(b"S").await.is_err() {
                     return Err(ClientClosed);
+                }
+                let ClientStream::Tcp(tcp) =
+                    std::mem::replace(&mut client.stream, ClientStream::Detached)
+                else {
+                    return Err(ClientProtocolError);
+                };
+                match acceptor.acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        client.stream = ClientStream::Tls(Box::new(TlsCell::new(tls)));
+                        client.end_point = Some(acceptor.end_point.clone());
+                    }
+                    Err(e) => {
+                        tracing::info!(error = %e, "client TLS handshake failed");
+                        return Err(ClientProtocolError);
+                    }
                 }
             }
             CANCEL_REQUEST if body.len() == 12 => {
@@ -485,6 +515,16 @@ async fn login(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    if cfg.client_tls.mode == ClientTlsMode::Require && !client.stream.is_tls() {
+        client
+            .fail(
+                Severity::Fatal,
+                sqlstate::INVALID_AUTHORIZATION,
+                "SSL required (client_tls_mode = \"require\")",
+            )
+            .await;
+        return Err(LoginFailed);
+    }
 
     let Some(count) = ClientCount::acquire(shared, cfg.max_client_conn) else {
         client
@@ -501,10 +541,31 @@ async fn login(
         msg::negotiate_protocol_version(&mut client.wbuf, 0, &unknown_protocol_options);
     }
 
+    // --- the user's secret: configuration, auth file, else auth_query
+    let found = match crate::authquery::secret_for(shared, cfg, &user, &database).await {
+        Ok(found) => found,
+        Err((auth_db, e)) => {
+            // Never a secret in `e`: PostgreSQL's error fields or pgmux's own words.
+            tracing::warn!(%user, db = %auth_db, error = %e, "auth_query failed");
+            let (code, reason) = if e.is_connection() {
+                (sqlstate::CONNECTION_FAILURE, ServerUnavailable)
+            } else {
+                (sqlstate::INVALID_AUTHORIZATION, LoginFailed)
+            };
+            let text = format!("pgmux: auth_query failed: database \"{auth_db}\": {e}");
+            client.fail(Severity::Fatal, code, &text).await;
+            return Err(reason);
+        }
+    };
+
     // --- authentication
-    let passthrough = match authenticate(shared, cfg, client, &user).await {
+    let passthrough = match authenticate(shared, cfg, client, &user, found.secret.as_ref()).await {
         Ok(keys) => keys,
         Err(reason) => {
+            if let (Some(auth_db), LoginFailed) = (&found.looked_up_in, reason) {
+                // The password may have changed since the lookup: ask again next time.
+                shared.auth_query.forget(auth_db, &user);
+            }
             if reason == LoginFailed {
                 let text = format!("password authentication failed for user \"{user}\"");
                 client
@@ -571,6 +632,15 @@ async fn login(
         // this client's proof revealed.
         pool.set_scram_keys(keys.clone());
     }
+    // auth_query found a password or md5 hash: its servers log in with it.
+    let looked_up_password = match (&found.looked_up_in, &found.secret) {
+        (Some(_), Some(AuthSecret::Password(p) | AuthSecret::Md5(p))) => Some(Some(p)),
+        (Some(_), _) => Some(None),
+        (None, _) => None,
+    };
+    if let Some(p) = looked_up_password {
+        pool.set_looked_up_password(p);
+    }
     let server_params = match pool.startup_params() {
         Some(p) => p,
         None => {
@@ -611,6 +681,11 @@ async fn login(
     if let (Some(keys), Some(set)) = (&passthrough, &replicas) {
         for p in &set.pools {
             p.set_scram_keys(keys.clone());
+        }
+    }
+    if let (Some(password), Some(set)) = (looked_up_password, &replicas) {
+        for p in &set.pools {
+            p.set_looked_up_password(password);
         }
     }
     Ok(LoggedIn::Pool(Box::new(Login {
@@ -718,20 +793,17 @@ fn encode_console_reply(buf: &mut BytesMut, reply: Reply) {
 
 /// Runs the configured authentication exchange. `Err(LoginFailed)` means wrong
 /// credentials (the caller reports 28P01); other reasons were reported already.
-/// `Ok(Some(keys))`: the user's secret is an auth_file SCRAM verifier, and these keys
-/// log its servers in (SCRAM passthrough).
+/// `Ok(Some(keys))`: the user's secret is a SCRAM verifier (auth_file or auth_query),
+/// and these keys log its servers in (SCRAM passthrough). `secret`: see
+/// [`crate::authquery::secret_for`]; None fails like a wrong password.
 async fn authenticate(
     shared: &Arc<Shared>,
     cfg: &Config,
     client: &mut Client,
     user: &str,
+    secret: Option<&AuthSecret>,
 ) -> Result<Option<Arc<auth::ScramKeys>>, DisconnectReason> {
     use DisconnectReason::*;
-    // A configured password wins over the auth file's entry.
-    let secret = match cfg.users.get(user).and_then(|u| u.password.as_ref()) {
-        Some(p) => Some(AuthSecret::Password(p.clone())),
-        None => cfg.auth_users.get(user).cloned(),
-    };
     match cfg.auth_type {
         AuthType::Trust => Ok(None),
         AuthType::Md5 => {
@@ -745,7 +817,7 @@ async fn authenticate(
                 Some(AuthSecret::Password(pw)) => auth::md5_response(user, pw.expose(), salt),
                 Some(AuthSecret::Md5(hash)) => auth::md5_response_from_hash(hash.expose(), salt),
                 Some(AuthSecret::Scram(_)) => {
-                    tracing::warn!(%user, "auth_file holds a SCRAM secret for this user: MD5 authentication cannot use it");
+                    tracing::warn!(%user, "the user's secret (auth_file or auth_query) is a SCRAM verifier: MD5 authentication cannot use it");
                     return Err(LoginFailed);
                 }
                 None => return Err(LoginFailed),
@@ -766,22 +838,31 @@ async fn authenticate(
                         Arc::new(v)
                     }
                     None => {
-                        tracing::warn!(%user, "auth_file SCRAM secret cannot be decoded");
+                        tracing::warn!(%user, "the user's SCRAM secret (auth_file or auth_query) cannot be decoded");
                         Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret))
                     }
                 },
                 Some(AuthSecret::Md5(_)) => {
-                    tracing::warn!(%user, "auth_file holds an MD5 hash for this user: SCRAM authentication cannot use it (auth_type = \"md5\" can)");
+                    tracing::warn!(%user, "the user's secret (auth_file or auth_query) is an MD5 hash: SCRAM authentication cannot use it (auth_type = \"md5\" can)");
                     Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret))
                 }
                 None => Arc::new(auth::ScramVerifier::impossible(user, &shared.mock_secret)),
             };
-            msg::auth_sasl(&mut client.wbuf, &[auth::SCRAM_SHA_256]);
+            // Over TLS, -PLUS first: clients pick the first they support.
+            let binding = client.end_point.clone();
+            match binding {
+                Some(_) => msg::auth_sasl(
+                    &mut client.wbuf,
+                    &[auth::SCRAM_SHA_256_PLUS, auth::SCRAM_SHA_256],
+                ),
+                None => msg::auth_sasl(&mut client.wbuf, &[auth::SCRAM_SHA_256]),
+            }
             client.flush().await.map_err(|_| ClientClosed)?;
             // SASLInitialResponse: mechanism\0, i32 length, data
             let body = read_password_message(client).await?;
             let (mechanism, rest) = msg::cstr(&body).ok_or(LoginFailed)?;
-            if mechanism != auth::SCRAM_SHA_256.as_bytes() {
+            let plus = binding.is_some() && mechanism == auth::SCRAM_SHA_256_PLUS.as_bytes();
+            if !plus && mechanism != auth::SCRAM_SHA_256.as_bytes() {
                 client
                     .fail(
                         Severity::Fatal,
@@ -795,12 +876,13 @@ async fn authenticate(
                 return Err(LoginFailed);
             }
             let data = &rest[4..];
-            let (exchange, server_first) = match ScramServer::start(&verifier, data) {
-                Ok(x) => x,
-                Err(e) => {
-                    return Err(client.protocol_violation(&e).await);
-                }
-            };
+            let (exchange, server_first) =
+                match ScramServer::start(&verifier, data, binding.as_deref(), plus) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        return Err(client.protocol_violation(&e).await);
+                    }
+                };
             msg::auth_sasl_continue(&mut client.wbuf, server_first.as_bytes());
             client.flush().await.map_err(|_| ClientClosed)?;
             let body = read_password_message(client).await?;
@@ -1516,6 +1598,8 @@ impl Session<'_> {
             }
             let ev = {
                 let cs = &client.stream;
+                let client_flush = cs.wants_flush();
+                let server_flush = server.stream.wants_flush();
                 let (rbuf, wbuf) = (&mut client.rbuf, &mut client.wbuf);
                 let ss = &server.stream;
                 let sbuf = &mut server.buf;
@@ -1527,10 +1611,10 @@ impl Session<'_> {
                 let hold = replay.is_some();
                 let to_server = &mut *to_server;
                 tokio::select! {
-                    r = poll_fn(|cx| sockio::poll_read_drain(cs, rbuf, cx)), if can_read_client => Ev::ClientRead(r),
+                    r = poll_fn(|cx| cs.poll_read_drain(rbuf, cx)), if can_read_client => Ev::ClientRead(r),
                     r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
-                    r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() => Ev::ServerWrite(r),
-                    r = poll_fn(|cx| sockio::poll_write_buf(cs, wbuf, cx)), if !wbuf.is_empty() && !hold => Ev::ClientWrite(r),
+                    r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() || server_flush => Ev::ServerWrite(r),
+                    r = poll_fn(|cx| cs.poll_write_buf(wbuf, cx)), if (!wbuf.is_empty() || client_flush) && !hold => Ev::ClientWrite(r),
                     _ = entry.killed() => Ev::Killed,
                     _ = expired(&mut idle_tx_timer), if idle_in_tx => Ev::IdleInTransaction,
                     _ = expired(&mut query_timer), if query_running => Ev::QueryTimeout,

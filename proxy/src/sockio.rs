@@ -145,6 +145,95 @@ pub fn poll_write_buf<S: Sock>(
     }
 }
 
+/// A client's byte stream: TCP, or TLS over TCP after an SSLRequest.
+pub enum ClientStream {
+    Tcp(TcpStream),
+    Tls(Box<crate::tls::ClientTlsStream>),
+    /// Momentarily, while the TCP stream is handed to the TLS handshake.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "stream detached")
+}
+
+impl ClientStream {
+    /// See [`poll_read_drain`].
+    pub fn poll_read_drain(
+        &self,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            ClientStream::Tcp(s) => poll_read_drain(s, buf, cx),
+            ClientStream::Tls(s) => s.poll_read_buf(buf, cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    /// See [`read_drain_small`].
+    pub async fn read_drain_small(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => read_drain_small(s, buf).await,
+            ClientStream::Tls(s) => std::future::poll_fn(|cx| s.poll_read_small(buf, cx)).await,
+            ClientStream::Detached => Err(detached()),
+        }
+    }
+
+    /// See [`poll_write_buf`].
+    pub fn poll_write_buf(
+        &self,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            ClientStream::Tcp(s) => poll_write_buf(s, buf, cx),
+            ClientStream::Tls(s) => s.poll_write_buf(buf, cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    /// Whether the write side must be polled although nothing is queued.
+    pub fn wants_flush(&self) -> bool {
+        match self {
+            ClientStream::Tls(s) => s.wants_flush(),
+            _ => false,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_write(cx, buf),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_flush(cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(&mut **s).poll_shutdown(cx),
+            ClientStream::Detached => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
