@@ -422,6 +422,7 @@ impl Proxy {
     pub async fn run(self) {
         let shared = self.shared.clone();
         let maintenance = tokio::spawn(maintenance(shared.clone()));
+        tokio::spawn(check_server_tls(shared.clone()));
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
@@ -540,6 +541,48 @@ impl Proxy {
 
 /// Periodic upkeep: histogram samples folded into buckets (bounded memory without
 /// scrapes), idle server reaping above min_pool_size, then opening servers up to it.
+/// At start-up, every server whose sslmode requires TLS gets one handshake (no login:
+/// PostgreSQL does not log a connection that closes before its startup packet), so a
+/// certificate that will not be accepted is reported at once, naming the server, not
+/// only at the first client's login.
+async fn check_server_tls(shared: Arc<Shared>) {
+    let cfg = shared.config.load_full();
+    let servers = cfg
+        .databases
+        .values()
+        .flat_map(|d| std::iter::once(&d.primary).chain(d.replicas.iter()))
+        .filter(|a| a.tls.mode.requires_tls())
+        .cloned()
+        .collect::<Vec<_>>();
+    for addr in &servers {
+        let name = backend::display_addr(addr);
+        let check = tokio::time::timeout(
+            cfg.server_connect_timeout,
+            backend::ServerStream::connect_with(addr, &cfg.tcp),
+        )
+        .await;
+        match check {
+            Ok(Ok(mut stream)) => {
+                tracing::info!(server = %name, sslmode = addr.tls.mode.as_str(), "server TLS handshake succeeded");
+                // close_notify, then read to PostgreSQL's EOF: closing with its TLS 1.3
+                // session tickets unread would reset the connection, which it logs.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream.shutdown().await;
+                    let mut sink = [0u8; 1024];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
+            Ok(Err(backend::ConnectError::Tls(e))) => {
+                tracing::error!(server = %name, error = %e, "SSL connection to server failed")
+            }
+            // Unreachable servers are reported when pools connect.
+            Ok(Err(backend::ConnectError::Io(_))) | Err(_) => {}
+        }
+    }
+}
+
 async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
