@@ -102,6 +102,28 @@ impl Ca {
         }
     }
 
+    /// A server certificate for `sans` whose key is `key_pkcs8_pem` (e.g. an RSA key made
+    /// by openssl; ring cannot generate RSA keys). `Issued::key_pem` is that PEM.
+    pub fn issue_for_key(&self, common_name: &str, sans: &[&str], key_pkcs8_pem: &str) -> Issued {
+        let key = KeyPair::from_pem(key_pkcs8_pem).expect("parse PKCS#8 key");
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("leaf params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(next_serial());
+        let cert = params.signed_by(&key, &*self.issuer).expect("sign leaf");
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key_pkcs8_pem.to_string(),
+            der: cert.der().clone(),
+        }
+    }
+
     /// A rustls root store holding only this CA.
     pub fn root_store(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
@@ -193,6 +215,53 @@ impl Default for TestCerts {
     fn default() -> Self {
         TestCerts::new()
     }
+}
+
+/// Runs `openssl ARGS` with `input` on stdin; its stdout (panics on failure). For key
+/// formats rcgen does not write: `pkey -traditional` turns a PKCS#8 key into SEC1 ("EC
+/// PRIVATE KEY") or PKCS#1 ("RSA PRIVATE KEY").
+pub fn openssl(args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn openssl");
+    child
+        .stdin
+        .take()
+        .expect("openssl stdin")
+        .write_all(input.as_bytes())
+        .expect("write to openssl");
+    let out = child.wait_with_output().expect("wait for openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("openssl output is text")
+}
+
+/// A new 2048-bit RSA key, PKCS#8 PEM (openssl genpkey).
+pub fn rsa_key_pkcs8() -> String {
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ],
+        "",
+    )
+}
+
+/// `pem` (PKCS#8) in its algorithm's traditional format: SEC1 or PKCS#1.
+pub fn traditional_key(pem: &str) -> String {
+    openssl(&["pkey", "-traditional"], pem)
 }
 
 pub fn write_file(path: &Path, text: &str) {
