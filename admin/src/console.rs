@@ -806,7 +806,7 @@ fn show_databases(control: &dyn Control) -> Vec<Row> {
                 int4(d.min_pool_size),
                 int4(0),
                 text("transaction"),
-                int4(0),
+                int4(d.max_connections),
                 int4(d.current_connections),
                 int4(i32::from(d.paused)),
                 int4(0),
@@ -1088,6 +1088,7 @@ mod tests {
             min_pool_size: 2,
             max_client_conn: 100,
             current_connections: 3,
+            max_connections: 0,
             paused: true,
         }
     }

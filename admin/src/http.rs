@@ -572,6 +572,7 @@ mod tests {
                 min_pool_size: 0,
                 max_client_conn: 100,
                 current_connections: 4,
+                max_connections: 0,
                 paused: false,
             }]
         }

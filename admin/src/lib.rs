@@ -294,6 +294,9 @@ pub struct DatabaseInfo {
     pub max_client_conn: usize,
     /// Server connections open to this database, all users and roles.
     pub current_connections: usize,
+    /// Server connections allowed per PostgreSQL node (`max_db_connections`, or this
+    /// instance's share of `total_server_connections`); 0: no limit.
+    pub max_connections: usize,
     pub paused: bool,
 }
 

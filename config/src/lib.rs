@@ -188,6 +188,21 @@ pub struct Config {
     /// Server connections each pool keeps open even when idle; default 0, at most
     /// `pool_size`.
     pub min_pool_size: usize,
+    /// Server connections this pgmux opens to one PostgreSQL node (host:port), all
+    /// pools together; default 0 = no limit. Live.
+    pub max_db_connections: usize,
+    /// Server connections all pgmux instances together may open to one node: each
+    /// takes `total / peers` (at least 1), peers counted through `peer_dns_name`;
+    /// default 0 = off. Live.
+    pub total_server_connections: usize,
+    /// DNS name whose addresses are the live pgmux instances (a headless Service);
+    /// default none (one instance).
+    pub peer_dns_name: Option<String>,
+    /// Ask this DNS server (UDP, `IP:port`) instead of the system resolver; default
+    /// none.
+    pub peer_dns_server: Option<SocketAddr>,
+    /// How often the peers are counted; default 10s.
+    pub peer_check_interval: Duration,
     /// Users that may run every command of the SQL admin console (database `pgbouncer`
     /// or `pgmux`); default none.
     pub admin_users: Vec<String>,
@@ -709,6 +724,11 @@ impl Default for Config {
             replica_check_interval: DEFAULT_REPLICA_CHECK_INTERVAL,
             write_functions: Vec::new(),
             min_pool_size: 0,
+            max_db_connections: 0,
+            total_server_connections: 0,
+            peer_dns_name: None,
+            peer_dns_server: None,
+            peer_check_interval: Duration::from_secs(10),
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             admin: Admin::default(),
@@ -861,6 +881,11 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_REPLICA_CHECK_INTERVAL", "replica_check_interval"),
     ("PGMUX_WRITE_FUNCTIONS", "write_functions"),
     ("PGMUX_MIN_POOL_SIZE", "min_pool_size"),
+    ("PGMUX_MAX_DB_CONNECTIONS", "max_db_connections"),
+    ("PGMUX_TOTAL_SERVER_CONNECTIONS", "total_server_connections"),
+    ("PGMUX_PEER_DNS_NAME", "peer_dns_name"),
+    ("PGMUX_PEER_DNS_SERVER", "peer_dns_server"),
+    ("PGMUX_PEER_CHECK_INTERVAL", "peer_check_interval"),
     ("PGMUX_ADMIN_USERS", "admin_users"),
     ("PGMUX_STATS_USERS", "stats_users"),
     ("PGMUX_AUTH_FILE", "auth_file"),

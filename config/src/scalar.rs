@@ -110,6 +110,11 @@ pub(crate) struct Scalars {
     replica_check_interval: Option<Sourced<Duration>>,
     write_functions: Option<Sourced<Vec<String>>>,
     min_pool_size: Option<Sourced<usize>>,
+    max_db_connections: Option<Sourced<usize>>,
+    total_server_connections: Option<Sourced<usize>>,
+    peer_dns_name: Option<Sourced<Option<String>>>,
+    peer_dns_server: Option<Sourced<Option<SocketAddr>>>,
+    peer_check_interval: Option<Sourced<Duration>>,
     admin_users: Option<Sourced<Vec<String>>>,
     auth_file: Option<Sourced<String>>,
     auth_user: Option<Sourced<Option<String>>>,
@@ -160,6 +165,11 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "replica_check_interval",
     "write_functions",
     "min_pool_size",
+    "max_db_connections",
+    "total_server_connections",
+    "peer_dns_name",
+    "peer_dns_server",
+    "peer_check_interval",
     "admin_users",
     "stats_users",
     "auth_file",
@@ -195,6 +205,8 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "query_timeout",
     "read_your_writes",
     "max_replica_lag",
+    "max_db_connections",
+    "total_server_connections",
 ];
 
 impl Scalars {
@@ -246,6 +258,44 @@ impl Scalars {
                 self.write_functions = wrap(parse_function_names(raw), key, &origin)?
             }
             "min_pool_size" => self.min_pool_size = wrap(parse_usize(raw), key, &origin)?,
+            "max_db_connections" => {
+                self.max_db_connections = wrap(parse_usize(raw), key, &origin)?
+            }
+            "total_server_connections" => {
+                self.total_server_connections = wrap(parse_usize(raw), key, &origin)?
+            }
+            "peer_dns_name" => {
+                let Raw::Str(name) = raw else {
+                    return Err(err(format!("expected a DNS name, got {}", raw.describe())));
+                };
+                let name = name.trim();
+                if !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    return Err(err(format!(
+                        "expected a DNS name (letters, digits, '-' and '.'), got {name:?}"
+                    )));
+                }
+                let v = (!name.is_empty()).then(|| name.to_owned());
+                self.peer_dns_name = Some(Sourced::new(v, key, origin.clone()));
+            }
+            "peer_dns_server" => {
+                let Raw::Str(a) = raw else {
+                    return Err(err(format!("expected \"IP:port\", got {}", raw.describe())));
+                };
+                let a = a.trim();
+                let v = if a.is_empty() {
+                    None
+                } else {
+                    Some(a.parse::<SocketAddr>().map_err(|_| {
+                        err(format!(
+                            "expected \"IP:port\" (e.g. \"10.96.0.10:53\"), got {a:?}"
+                        ))
+                    })?)
+                };
+                self.peer_dns_server = Some(Sourced::new(v, key, origin.clone()));
+            }
             "tcp_keepalive" => self.tcp_keepalive = wrap(parse_bool(raw), key, &origin)?,
             "tcp_keepcnt" => self.tcp_keepcnt = wrap(parse_usize(raw), key, &origin)?,
             "admin_users" => self.admin_users = wrap(parse_user_names(raw), key, &origin)?,
@@ -351,6 +401,7 @@ impl Scalars {
             | "tcp_user_timeout"
             | "max_replica_lag"
             | "replica_check_interval"
+            | "peer_check_interval"
             | "auth_query_cache" => {
                 let d = Some(Sourced::new(
                     parse_duration(raw).map_err(err)?,
@@ -364,6 +415,7 @@ impl Scalars {
                     "shutdown_timeout" => self.shutdown_timeout = d,
                     "max_replica_lag" => self.max_replica_lag = d,
                     "replica_check_interval" => self.replica_check_interval = d,
+                    "peer_check_interval" => self.peer_check_interval = d,
                     "auth_query_cache" => self.auth_query_cache = d,
                     "client_idle_timeout" => self.client_idle_timeout = d,
                     "idle_transaction_timeout" => self.idle_transaction_timeout = d,
@@ -573,6 +625,27 @@ impl Scalars {
             let path = std::path::PathBuf::from(&v.value);
             c.auth_users = crate::authfile::read(&path).map_err(|m| v.err(m))?;
             c.auth_file = Some(path);
+        }
+        if let Some(v) = self.max_db_connections {
+            c.max_db_connections = v.value;
+        }
+        if let Some(v) = self.total_server_connections {
+            c.total_server_connections = v.value;
+        }
+        if let Some(v) = self.peer_dns_name {
+            c.peer_dns_name = v.value;
+        }
+        if let Some(v) = self.peer_dns_server {
+            c.peer_dns_server = v.value;
+        }
+        if let Some(v) = self.peer_check_interval {
+            if v.value < Duration::from_millis(100) {
+                return Err(v.err(format!(
+                    "must be at least 100ms, got {}",
+                    humantime::format_duration(v.value)
+                )));
+            }
+            c.peer_check_interval = v.value;
         }
         if let Some(v) = self.admin_users {
             c.admin_users = v.value;

@@ -1924,3 +1924,42 @@ fn tls_settings() {
     .unwrap_err();
     assert!(e.to_string().contains("server_tls_ca_file"), "{e}");
 }
+
+#[test]
+fn connection_budget_keys() {
+    let url = ("DATABASE_URL", "postgres://u:p@db-host/app");
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            url,
+            ("PGMUX_MAX_DB_CONNECTIONS", "40"),
+            ("PGMUX_TOTAL_SERVER_CONNECTIONS", "180"),
+            ("PGMUX_PEER_DNS_NAME", "pgmux-peers.prod.svc.cluster.local"),
+            ("PGMUX_PEER_DNS_SERVER", "10.96.0.10:53"),
+            ("PGMUX_PEER_CHECK_INTERVAL", "5s"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.max_db_connections, 40);
+    assert_eq!(c.total_server_connections, 180);
+    assert_eq!(
+        c.peer_dns_name.as_deref(),
+        Some("pgmux-peers.prod.svc.cluster.local")
+    );
+    assert_eq!(c.peer_dns_server, Some("10.96.0.10:53".parse().unwrap()));
+    assert_eq!(c.peer_check_interval, Duration::from_secs(5));
+    // Both budgets are live keys.
+    let c2 = c
+        .with_changes(&[("max_db_connections".into(), "10".into())])
+        .unwrap();
+    assert_eq!(c2.max_db_connections, 10);
+    for (var, value, key) in [
+        ("PGMUX_PEER_DNS_SERVER", "kube-dns", "peer_dns_server"),
+        ("PGMUX_PEER_DNS_NAME", "bad name!", "peer_dns_name"),
+        ("PGMUX_PEER_CHECK_INTERVAL", "10ms", "peer_check_interval"),
+        ("PGMUX_MAX_DB_CONNECTIONS", "-1", "max_db_connections"),
+    ] {
+        let e = load(&Flags::default(), &env(&[url, (var, value)])).unwrap_err();
+        assert!(e.to_string().contains(key), "{e}");
+    }
+}

@@ -343,6 +343,9 @@ pub struct Server {
     pub generation: u64,
     /// This connection as the admin surface lists it (set by the pool that opened it).
     pub entry: Option<Arc<crate::pool::ServerEntry>>,
+    /// This connection's share of its node's budget (`max_db_connections`), freed when
+    /// the server is dropped.
+    pub budget: Option<crate::budget::Permit>,
 }
 
 impl Server {
@@ -402,6 +405,7 @@ impl Server {
             error_classes: Vec::new(),
             generation: 0,
             entry: None,
+            budget: None,
         }
     }
 

@@ -316,6 +316,8 @@ impl Shared {
 
     /// Sets every pool's limits from `cfg` and the pool's live overrides.
     fn apply_limits(&self, cfg: &Config) {
+        self.budgets
+            .configure(cfg.max_db_connections, cfg.total_server_connections);
         for p in self.all_pools() {
             let (max, min) = *p.overrides.lock().unwrap_or_else(|e| e.into_inner());
             let max = max.unwrap_or_else(|| cfg.pool_size_for(&p.database, &p.user));
@@ -645,6 +647,7 @@ impl Control for Shared {
                     min_pool_size: cfg.min_pool_size,
                     max_client_conn: cfg.max_client_conn,
                     current_connections: current,
+                    max_connections: self.budgets.limit(),
                     paused: paused.covers(&db.name),
                 }
             })

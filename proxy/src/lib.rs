@@ -39,6 +39,8 @@ pub mod router;
 pub mod routing;
 pub mod session;
 pub mod sockio;
+pub mod budget;
+pub mod peers;
 pub mod tcp;
 pub mod tls;
 
@@ -109,6 +111,9 @@ pub struct Shared {
     pub auth_query: authquery::AuthQueryCache,
     /// The client-facing TLS acceptor, swapped when its files change.
     pub client_tls: tls::ClientTls,
+    /// Server connections per PostgreSQL node (`max_db_connections`, the share of
+    /// `total_server_connections`).
+    pub budgets: Arc<budget::Budgets>,
 }
 
 impl Shared {
@@ -120,6 +125,8 @@ impl Shared {
         let mut mock_secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_secret);
         let router = Router::new(&config.write_functions);
+        let budgets = Arc::new(budget::Budgets::default());
+        budgets.configure(config.max_db_connections, config.total_server_connections);
         Arc::new(Shared {
             router,
             topologies: DashMap::new(),
@@ -144,6 +151,7 @@ impl Shared {
             rds_iam: std::sync::OnceLock::new(),
             auth_query: Default::default(),
             client_tls: tls::ClientTls::default(),
+            budgets,
         })
     }
 
@@ -177,6 +185,7 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .covers(db),
+            budgets: self.budgets.clone(),
         }
     }
 
@@ -423,6 +432,7 @@ impl Proxy {
         let shared = self.shared.clone();
         let maintenance = tokio::spawn(maintenance(shared.clone()));
         tokio::spawn(check_server_tls(shared.clone()));
+        tokio::spawn(peers::run(shared.clone()));
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,

@@ -40,6 +40,12 @@ const ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum PoolError {
     #[error("timed out after {0:?} waiting for a server connection (query_wait_timeout)")]
     WaitTimeout(Duration),
+    #[error("timed out after {0:?} waiting for a server connection: max_db_connections reached for this server (query_wait_timeout)")]
+    DbLimit(Duration),
+    /// Internal: while waiting under max_db_connections one of the pool's own servers
+    /// turned idle; checkout takes it (never reaches a client).
+    #[error("a server of the pool turned idle")]
+    Retry,
     #[error(transparent)]
     Connect(#[from] BackendError),
 }
@@ -78,10 +84,13 @@ pub enum CloseReason {
     Paused,
     /// pgmux is shutting down.
     Shutdown,
+    /// Idle, and closed so that another pool could open a server to the same node under
+    /// `max_db_connections`.
+    DbLimit,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::IdleTimeout,
         CloseReason::Lifetime,
         CloseReason::PoolShrunk,
@@ -95,6 +104,7 @@ impl CloseReason {
         CloseReason::Killed,
         CloseReason::Paused,
         CloseReason::Shutdown,
+        CloseReason::DbLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +122,7 @@ impl CloseReason {
             CloseReason::Killed => "killed",
             CloseReason::Paused => "paused",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::DbLimit => "max_db_connections",
         }
     }
 }
@@ -227,6 +238,8 @@ pub struct Pool {
     scram_keys: ArcSwapOption<crate::auth::ScramKeys>,
     /// Set: the login password is an RDS IAM token (see [`crate::rds_iam`]).
     rds_iam: Option<crate::rds_iam::RdsIamAuth>,
+    /// Server connections per node (`max_db_connections`), shared by every pool.
+    budgets: Arc<crate::budget::Budgets>,
     inner: Mutex<Inner>,
     /// ParameterStatus values of the first server that logged in: the client login burst.
     startup_params: ArcSwapOption<ServerParams>,
@@ -274,6 +287,8 @@ pub struct PoolSettings {
     pub tcp: TcpSettings,
     /// `server_auth = "rds_iam"`: log in with an RDS IAM token instead of the password.
     pub rds_iam: Option<crate::rds_iam::RdsIamAuth>,
+    /// Server connections per node, shared by every pool.
+    pub budgets: Arc<crate::budget::Budgets>,
 }
 
 impl Pool {
@@ -286,7 +301,8 @@ impl Pool {
         settings: PoolSettings,
     ) -> Arc<Pool> {
         let max = settings.max_size.max(1);
-        Arc::new(Pool {
+        let budgets = settings.budgets.clone();
+        let pool = Arc::new(Pool {
             database,
             user,
             role,
@@ -307,6 +323,7 @@ impl Pool {
             tcp: ArcSwap::from_pointee(settings.tcp),
             scram_keys: ArcSwapOption::empty(),
             rds_iam: settings.rds_iam,
+            budgets: settings.budgets,
             inner: Mutex::new(Inner {
                 idle: Vec::new(),
                 total: 0,
@@ -318,7 +335,9 @@ impl Pool {
             stats: PoolStats::default(),
             removed: AtomicBool::new(false),
             replicas: ArcSwapOption::empty(),
-        })
+        });
+        budgets.register(&pool);
+        pool
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -459,11 +478,12 @@ impl Pool {
                     // Boxed: connect + login is a large future, needed only when a
                     // connection is opened; inline it would size every waiting (and so
                     // every idle) client's task for it.
-                    match Box::pin(self.open()).await {
+                    match Box::pin(self.open(Some((deadline, wait)))).await {
                         Ok(s) => {
                             self.record_wait(start);
                             return Ok(PooledServer::new(self.clone(), Box::new(s)));
                         }
+                        Err(PoolError::Retry) => continue,
                         Err(PoolError::Connect(e)) if e.is_transient() => {
                             // The server is down or restarting: wait and try again, as
                             // long as this client may wait (server_login_retry).
@@ -500,11 +520,38 @@ impl Pool {
         self.histograms.wait.record(waited.as_secs_f64());
     }
 
-    /// Opens a server with a slot already counted in `total`.
-    async fn open(self: &Arc<Self>) -> Result<Server, PoolError> {
+    /// Opens a server with a slot already counted in `total`. At the node's
+    /// `max_db_connections` it waits for a permit until `wait`'s deadline (None: it
+    /// does not wait).
+    async fn open(
+        self: &Arc<Self>,
+        wait: Option<(tokio::time::Instant, Duration)>,
+    ) -> Result<Server, PoolError> {
+        use crate::budget::Acquired;
+        let addr = self.addr.load_full();
+        let acquired = match self.budgets.try_acquire(&addr) {
+            Some(p) => Acquired::Permit(p),
+            None => match wait {
+                Some((deadline, _)) => self.budgets.acquire(&addr, self, deadline).await,
+                None => Acquired::TimedOut,
+            },
+        };
+        let permit = match acquired {
+            Acquired::Permit(p) => p,
+            Acquired::OwnIdle => {
+                self.release_slot();
+                return Err(PoolError::Retry);
+            }
+            Acquired::TimedOut => {
+                self.release_slot();
+                if wait.is_some() {
+                    self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(PoolError::DbLimit(wait.map(|(_, w)| w).unwrap_or_default()));
+            }
+        };
         let generation = self.generation.load(Ordering::Relaxed);
         self.connecting.fetch_add(1, Ordering::Relaxed);
-        let addr = self.addr.load_full();
         let r = async {
             let password = match &self.rds_iam {
                 // A token for this server and user (cached for 10 minutes).
@@ -531,6 +578,7 @@ impl Pool {
         match r {
             Ok(mut s) => {
                 s.generation = generation;
+                s.budget = Some(permit);
                 self.stats.servers_opened.fetch_add(1, Ordering::Relaxed);
                 let opened = Instant::now();
                 let entry = Arc::new(ServerEntry {
@@ -681,6 +729,29 @@ impl Pool {
             }
         }
         g.idle.push(server);
+        drop(g);
+        // A pool waiting for a permit on this node may close it.
+        self.budgets.idle_available(&self.addr());
+    }
+
+    /// Whether an idle server is waiting in this pool.
+    pub fn has_idle(&self) -> bool {
+        !self.lock().idle.is_empty()
+    }
+
+    /// Closes this pool's least recently used idle server so that another pool can open
+    /// one to the same node (`max_db_connections`). True if there was one.
+    pub fn evict_one_idle(&self) -> bool {
+        let mut g = self.lock();
+        if g.idle.is_empty() {
+            return false;
+        }
+        // The idle list is a stack: the bottom is the longest unused.
+        let s = g.idle.remove(0);
+        g.total -= 1;
+        drop(g);
+        self.retire(s, CloseReason::DbLimit);
+        true
     }
 
     /// Forgets a server whose slot is already accounted for and closes it politely
@@ -893,7 +964,7 @@ impl Pool {
         for _ in 0..n {
             let pool = self.clone();
             spawn_or_drop(async move {
-                match pool.open().await {
+                match pool.open(None).await {
                     Ok(s) => pool.checkin(Box::new(s)),
                     Err(e) => {
                         tracing::warn!(db = %pool.database, user = %pool.user, error = %e, "could not open a server for min_pool_size")

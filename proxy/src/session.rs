@@ -933,7 +933,7 @@ async fn report_checkout_error(client: &mut Client, e: &PoolError) {
             let _ = client.flush().await;
             let _ = client.stream.shutdown().await;
         }
-        PoolError::WaitTimeout(_) => {
+        PoolError::WaitTimeout(_) | PoolError::DbLimit(_) | PoolError::Retry => {
             client
                 .fail(Severity::Fatal, sqlstate::QUERY_CANCELED, &e.to_string())
                 .await;
@@ -1202,7 +1202,9 @@ impl Session<'_> {
                 Err(e) => {
                     report_checkout_error(&mut self.client, &e).await;
                     return match e {
-                        PoolError::WaitTimeout(_) => DisconnectReason::WaitTimeout,
+                        PoolError::WaitTimeout(_) | PoolError::DbLimit(_) | PoolError::Retry => {
+                            DisconnectReason::WaitTimeout
+                        }
                         PoolError::Connect(_) => DisconnectReason::ServerUnavailable,
                     };
                 }

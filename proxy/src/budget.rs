@@ -1,0 +1,259 @@
+//! Server connection budget per PostgreSQL node: `max_db_connections`, and this pgmux's
+//! share of `total_server_connections` among its peers.
+//!
+//! Every pool holds a permit per server connection it opens (or is opening) to a node
+//! (host:port), across all users, databases and roles. At the limit a pool that needs a
+//! new connection first closes an idle server of another pool on the same node (the
+//! freed permit goes to it), else waits, within its client's `query_wait_timeout`, for
+//! a permit to be freed or for another pool's server to turn idle. A permit is freed
+//! when its [`crate::backend::Server`] is dropped, so no path that closes a server can
+//! forget it. Lowering the limit closes idle servers over it at once and busy ones
+//! never (their transactions finish; the pool then stays below).
+//!
+//! The limit in force is the smaller of `max_db_connections` and
+//! `total_server_connections / peers` (at least 1), where `peers` is the number of
+//! addresses the headless Service name `peer_dns_name` resolves to (see
+//! [`crate::peers`]), re-evaluated every `peer_check_interval`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use dashmap::DashMap;
+use pgmux_config::ServerAddr;
+use tokio::sync::Notify;
+
+use crate::pool::Pool;
+
+type NodeKey = (String, u16);
+
+/// Open (or opening) server connections to one node.
+#[derive(Default)]
+pub struct NodeBudget {
+    open: AtomicUsize,
+    /// Pools waiting for a permit (they are told when a server turns idle too).
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+/// One server connection's share of its node's budget; freed on drop.
+pub struct Permit {
+    node: Arc<NodeBudget>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.node.open.fetch_sub(1, Ordering::AcqRel);
+        self.node.freed.notify_one();
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Permit")
+    }
+}
+
+/// What waiting for a permit gave.
+pub enum Acquired {
+    Permit(Permit),
+    /// The waiting pool has an idle server now.
+    OwnIdle,
+    TimedOut,
+}
+
+/// The budgets of every node, and the inputs of the limit in force.
+#[derive(Default)]
+pub struct Budgets {
+    /// The per-node limit in force; 0: none.
+    limit: AtomicUsize,
+    /// `max_db_connections`; 0: none.
+    configured: AtomicUsize,
+    /// `total_server_connections`; 0: off.
+    total: AtomicUsize,
+    /// Live pgmux instances found through `peer_dns_name` (at least 1).
+    peers: AtomicUsize,
+    nodes: DashMap<NodeKey, Arc<NodeBudget>>,
+    pools: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl Budgets {
+    /// The per-node limit in force (0: none).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Pgmux instances the total is divided by.
+    pub fn peers(&self) -> usize {
+        self.peers.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Sets `max_db_connections` and `total_server_connections` (config or live
+    /// change) and applies the resulting limit.
+    pub fn configure(&self, max_db_connections: usize, total: usize) {
+        self.configured.store(max_db_connections, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        self.apply();
+    }
+
+    /// A new count of live peers (peer discovery) and applies the resulting limit.
+    pub fn set_peers(&self, peers: usize) {
+        self.peers.store(peers.max(1), Ordering::Relaxed);
+        self.apply();
+    }
+
+    fn apply(&self) {
+        let configured = self.configured.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let share = (total > 0).then(|| (total / self.peers()).max(1));
+        let limit = match (configured, share) {
+            (0, None) => 0,
+            (0, Some(s)) => s,
+            (c, None) => c,
+            (c, Some(s)) => c.min(s),
+        };
+        let old = self.limit.swap(limit, Ordering::Relaxed);
+        if old == limit {
+            return;
+        }
+        {
+            tracing::info!(
+                limit,
+                peers = self.peers(),
+                max_db_connections = configured,
+                total_server_connections = total,
+                "server connections per node limit changed"
+            );
+        }
+        if limit == 0 || (old != 0 && limit >= old) {
+            // Raised: waiters may go on.
+            for n in self.nodes.iter() {
+                n.freed.notify_waiters();
+            }
+            return;
+        }
+        // Lowered: idle servers over the limit close now.
+        for n in self.nodes.iter() {
+            let (key, node) = (n.key().clone(), n.value().clone());
+            while node.open.load(Ordering::Acquire) > limit {
+                if !self.evict_idle(&key, None) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Registers a pool whose idle servers may be closed for another pool's benefit.
+    pub fn register(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(Arc::downgrade(pool));
+    }
+
+    fn node(&self, key: &NodeKey) -> Arc<NodeBudget> {
+        if let Some(n) = self.nodes.get(key) {
+            return n.clone();
+        }
+        self.nodes.entry(key.clone()).or_default().clone()
+    }
+
+    fn key(addr: &ServerAddr) -> NodeKey {
+        (addr.host.clone(), addr.port)
+    }
+
+    /// Connections open (or opening) to `addr`'s node.
+    pub fn open(&self, addr: &ServerAddr) -> usize {
+        self.nodes
+            .get(&Self::key(addr))
+            .map_or(0, |n| n.open.load(Ordering::Relaxed))
+    }
+
+    /// A permit if the node is below the limit.
+    pub fn try_acquire(&self, addr: &ServerAddr) -> Option<Permit> {
+        let node = self.node(&Self::key(addr));
+        let limit = self.limit();
+        let mut cur = node.open.load(Ordering::Acquire);
+        loop {
+            if limit != 0 && cur >= limit {
+                return None;
+            }
+            match node
+                .open
+                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(Permit { node }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// A permit for `pool`'s node: at once below the limit; else after closing an idle
+    /// server of another pool on the node, or when one is freed, until `deadline`.
+    /// [`Acquired::OwnIdle`]: meanwhile one of `pool`'s own servers turned idle; the
+    /// caller should take it instead of opening one.
+    pub async fn acquire(
+        &self,
+        addr: &ServerAddr,
+        pool: &Pool,
+        deadline: tokio::time::Instant,
+    ) -> Acquired {
+        let key = Self::key(addr);
+        let node = self.node(&key);
+        node.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&node);
+        loop {
+            let freed = node.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(p) = self.try_acquire(addr) {
+                return Acquired::Permit(p);
+            }
+            if pool.has_idle() {
+                return Acquired::OwnIdle;
+            }
+            // The permit of the closed server arrives through `freed` (it is freed when
+            // the server's Terminate has been sent).
+            self.evict_idle(&key, Some(pool));
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return match self.try_acquire(addr) {
+                    Some(p) => Acquired::Permit(p),
+                    None => Acquired::TimedOut,
+                };
+            }
+        }
+    }
+
+    /// A pool's server turned idle: a pool waiting for a permit on that node may close it.
+    pub fn idle_available(&self, addr: &ServerAddr) {
+        if let Some(n) = self.nodes.get(&Self::key(addr)) {
+            if n.waiting.load(Ordering::Acquire) > 0 {
+                n.freed.notify_one();
+            }
+        }
+    }
+
+    /// Closes the least recently used idle server on `key`'s node in a pool other than
+    /// `except`. True if one was closed.
+    fn evict_idle(&self, key: &NodeKey, except: Option<&Pool>) -> bool {
+        let pools: Vec<Arc<Pool>> = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.iter().filter_map(Weak::upgrade).collect()
+        };
+        pools
+            .iter()
+            .filter(|p| !except.is_some_and(|e| std::ptr::eq(e, &***p)))
+            .filter(|p| {
+                let a = p.addr();
+                a.host == key.0 && a.port == key.1
+            })
+            .any(|p| p.evict_one_idle())
+    }
+}
+
+/// Counts a waiting pool while it waits.
+struct Waiting<'a>(&'a NodeBudget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
