@@ -1,9 +1,10 @@
 //! Peer discovery for `total_server_connections`: how many pgmux instances share the
 //! budget.
 //!
-//! In Kubernetes a headless Service resolves to one address per ready pod, so the
-//! number of distinct addresses behind `peer_dns_name` is the number of live pgmux
-//! instances (a draining pod is no longer ready and drops out). The count is taken every
+//! In Kubernetes a headless Service resolves to one address per pod (with
+//! `publishNotReadyAddresses`, as deploy/kubernetes sets it, starting pods too, so a pod
+//! is counted before it takes traffic), so the number of distinct addresses behind
+//! `peer_dns_name` is the number of pgmux instances. The count is taken every
 //! `peer_check_interval` and handed to [`crate::budget::Budgets::set_peers`], which
 //! applies `total / peers` like a live limit change. A failed lookup keeps the last
 //! count (a DNS hiccup must not hand each pod the whole budget), and is logged once
