@@ -1,5 +1,6 @@
 //! pgmux binary: command line, runtime, signals, and wiring of config + proxy + admin.
 
+mod demo;
 mod top;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,10 @@ enum Command {
     CheckConfig,
     /// Live terminal view of a running pgmux's pools (from its admin API).
     Top(top::TopArgs),
+    /// Try pgmux locally: starts a throwaway PostgreSQL primary and streaming replicas
+    /// (installed server binaries), serves pgmux in front of them (listen default
+    /// 127.0.0.1:6432) and prints the URL to connect to; Ctrl-C stops and removes all.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,9 @@ fn main() -> ExitCode {
         max_client_conn: cli.max_client_conn.clone(),
         admin_listen: cli.admin_listen.clone(),
     };
+    if let Some(Command::Demo(args)) = &cli.command {
+        return demo::run(args, flags);
+    }
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let config = match pgmux_config::load(&flags, &env) {
         Ok(c) => c,
@@ -87,8 +95,8 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        // `top` returned above.
-        Some(Command::Top(_)) | None => serve(config, flags),
+        // `top` and `demo` returned above.
+        Some(Command::Top(_) | Command::Demo(_)) | None => serve(config, flags),
     }
 }
 
@@ -205,6 +213,8 @@ fn serve(config: Config, flags: Flags) -> ExitCode {
                 _ = int.recv() => {},
             }
             tracing::warn!("second signal: exiting without waiting");
+            // `pgmux demo`: its PostgreSQL servers go too (exit runs no destructors).
+            demo::cleanup();
             std::process::exit(1);
         });
         proxy.run().await;

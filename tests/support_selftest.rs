@@ -237,7 +237,13 @@ fn a_registered_secret_in_the_pgmux_log_fails_the_test() {
     let (user, password, db) = cluster.create_user_db("secret scan");
     let url = cluster.primary().url(&user, &password, &db);
     let px = support::Pgmux::start(&[], &[("DATABASE_URL", url.as_str())]);
-    // pgmux logs this line at start-up; pretend it were a password.
+    // pgmux logs this line at start-up (just after it binds the port start() waits
+    // for, so wait for the line too); pretend it were a password.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !px.log().contains("accepting connections") {
+        assert!(std::time::Instant::now() < deadline, "{}", px.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     support::register_secret("accepting connections");
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(px)));
     let msg = r.expect_err("dropping the pgmux must panic");
