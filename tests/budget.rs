@@ -228,3 +228,35 @@ async fn total_budget_is_shared_among_peers_found_in_dns() {
     answers.store(1, Ordering::Relaxed);
     wait_limit(6);
 }
+
+/// `total_server_connections = "auto"`: the budget is the node's own max_connections
+/// (after superuser_reserved_connections) less `reserved_server_connections`, read on the
+/// first server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_budget_comes_from_the_servers_max_connections() {
+    let db = TestDb::new("autobudget");
+    let capacity: usize = db
+        .psql(
+            "SELECT current_setting('max_connections')::int \
+             - current_setting('superuser_reserved_connections')::int",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    let reserved = (capacity - 4).to_string();
+    let url = db.database_url();
+    let px = Pgmux::start(
+        &[],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("PGMUX_POOL_SIZE", "10"),
+            ("PGMUX_TOTAL_SERVER_CONNECTIONS", "auto"),
+            ("PGMUX_RESERVED_SERVER_CONNECTIONS", reserved.as_str()),
+        ],
+    );
+    let users = [db.user.as_str()];
+    // The first client's server reads the capacity: 4 left for pgmux.
+    let max = burst(&db, &db.url(&px), &users, 8, 0.3).await;
+    assert_eq!(shown_limit(&px, &db), 4);
+    assert!(max <= 4, "{max} backends with an automatic budget of 4");
+}

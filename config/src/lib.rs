@@ -193,8 +193,12 @@ pub struct Config {
     pub max_db_connections: usize,
     /// Server connections all pgmux instances together may open to one node: each
     /// takes `total / peers` (at least 1), peers counted through `peer_dns_name`;
-    /// default 0 = off. Live.
-    pub total_server_connections: usize,
+    /// default off. Live.
+    pub total_server_connections: TotalBudget,
+    /// With `total_server_connections = "auto"`: connections of a node's
+    /// `max_connections` (after `superuser_reserved_connections`) left to clients that
+    /// do not go through pgmux; default 10. Live.
+    pub reserved_server_connections: usize,
     /// DNS name whose addresses are the live pgmux instances (a headless Service);
     /// default none (one instance).
     pub peer_dns_name: Option<String>,
@@ -358,6 +362,29 @@ impl ServerAuth {
             "password" => Some(ServerAuth::Password),
             "rds_iam" => Some(ServerAuth::RdsIam),
             _ => None,
+        }
+    }
+}
+
+/// `total_server_connections`: the budget all pgmux instances share per node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TotalBudget {
+    /// `0` (default): no shared budget.
+    #[default]
+    Off,
+    /// A number of connections.
+    Fixed(usize),
+    /// `"auto"`: each node's `max_connections − superuser_reserved_connections −
+    /// reserved_server_connections`, read from the node at its first connection.
+    Auto,
+}
+
+impl fmt::Display for TotalBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TotalBudget::Off => f.write_str("0"),
+            TotalBudget::Fixed(n) => write!(f, "{n}"),
+            TotalBudget::Auto => f.write_str("auto"),
         }
     }
 }
@@ -725,7 +752,8 @@ impl Default for Config {
             write_functions: Vec::new(),
             min_pool_size: 0,
             max_db_connections: 0,
-            total_server_connections: 0,
+            total_server_connections: TotalBudget::Off,
+            reserved_server_connections: 10,
             peer_dns_name: None,
             peer_dns_server: None,
             peer_check_interval: Duration::from_secs(10),
@@ -883,6 +911,10 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_MIN_POOL_SIZE", "min_pool_size"),
     ("PGMUX_MAX_DB_CONNECTIONS", "max_db_connections"),
     ("PGMUX_TOTAL_SERVER_CONNECTIONS", "total_server_connections"),
+    (
+        "PGMUX_RESERVED_SERVER_CONNECTIONS",
+        "reserved_server_connections",
+    ),
     ("PGMUX_PEER_DNS_NAME", "peer_dns_name"),
     ("PGMUX_PEER_DNS_SERVER", "peer_dns_server"),
     ("PGMUX_PEER_CHECK_INTERVAL", "peer_check_interval"),

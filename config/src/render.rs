@@ -95,7 +95,20 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("aws_region", s(c.aws_region.as_deref().unwrap_or(""))),
         ("client_tls_mode", s(c.client_tls.mode.as_str())),
         ("max_db_connections", int(c.max_db_connections)),
-        ("total_server_connections", int(c.total_server_connections)),
+        (
+            "total_server_connections",
+            match c.total_server_connections {
+                crate::TotalBudget::Auto => s("auto"),
+                b => int(match b {
+                    crate::TotalBudget::Fixed(n) => n,
+                    _ => 0,
+                }),
+            },
+        ),
+        (
+            "reserved_server_connections",
+            int(c.reserved_server_connections),
+        ),
         ("peer_dns_name", s(c.peer_dns_name.as_deref().unwrap_or(""))),
         (
             "peer_dns_server",

@@ -4,8 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     AuthType, ClientTlsMode, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret,
-    ServerAuth, SslMode, MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE,
-    MIN_REPLICA_CHECK_INTERVAL,
+    ServerAuth, SslMode, TotalBudget, MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL,
+    MIN_MAX_MESSAGE_SIZE, MIN_REPLICA_CHECK_INTERVAL,
 };
 
 /// A value plus the key and origin it came from.
@@ -111,7 +111,8 @@ pub(crate) struct Scalars {
     write_functions: Option<Sourced<Vec<String>>>,
     min_pool_size: Option<Sourced<usize>>,
     max_db_connections: Option<Sourced<usize>>,
-    total_server_connections: Option<Sourced<usize>>,
+    total_server_connections: Option<Sourced<TotalBudget>>,
+    reserved_server_connections: Option<Sourced<usize>>,
     peer_dns_name: Option<Sourced<Option<String>>>,
     peer_dns_server: Option<Sourced<Option<SocketAddr>>>,
     peer_check_interval: Option<Sourced<Duration>>,
@@ -167,6 +168,7 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "min_pool_size",
     "max_db_connections",
     "total_server_connections",
+    "reserved_server_connections",
     "peer_dns_name",
     "peer_dns_server",
     "peer_check_interval",
@@ -207,6 +209,7 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "max_replica_lag",
     "max_db_connections",
     "total_server_connections",
+    "reserved_server_connections",
 ];
 
 impl Scalars {
@@ -262,7 +265,18 @@ impl Scalars {
                 self.max_db_connections = wrap(parse_usize(raw), key, &origin)?
             }
             "total_server_connections" => {
-                self.total_server_connections = wrap(parse_usize(raw), key, &origin)?
+                let v = match raw {
+                    Raw::Str(s) if s.trim().eq_ignore_ascii_case("auto") => TotalBudget::Auto,
+                    other => match parse_usize(other) {
+                        Ok(0) => TotalBudget::Off,
+                        Ok(n) => TotalBudget::Fixed(n),
+                        Err(e) => return Err(err(format!("{e}, or \"auto\""))),
+                    },
+                };
+                self.total_server_connections = Some(Sourced::new(v, key, origin.clone()));
+            }
+            "reserved_server_connections" => {
+                self.reserved_server_connections = wrap(parse_usize(raw), key, &origin)?
             }
             "peer_dns_name" => {
                 let Raw::Str(name) = raw else {
@@ -631,6 +645,9 @@ impl Scalars {
         }
         if let Some(v) = self.total_server_connections {
             c.total_server_connections = v.value;
+        }
+        if let Some(v) = self.reserved_server_connections {
+            c.reserved_server_connections = v.value;
         }
         if let Some(v) = self.peer_dns_name {
             c.peer_dns_name = v.value;

@@ -1941,7 +1941,7 @@ fn connection_budget_keys() {
     )
     .unwrap();
     assert_eq!(c.max_db_connections, 40);
-    assert_eq!(c.total_server_connections, 180);
+    assert_eq!(c.total_server_connections, TotalBudget::Fixed(180));
     assert_eq!(
         c.peer_dns_name.as_deref(),
         Some("pgmux-peers.prod.svc.cluster.local")
@@ -1953,7 +1953,16 @@ fn connection_budget_keys() {
         .with_changes(&[("max_db_connections".into(), "10".into())])
         .unwrap();
     assert_eq!(c2.max_db_connections, 10);
+    let c3 = c
+        .with_changes(&[("total_server_connections".into(), "auto".into())])
+        .unwrap();
+    assert_eq!(c3.total_server_connections, TotalBudget::Auto);
     for (var, value, key) in [
+        (
+            "PGMUX_TOTAL_SERVER_CONNECTIONS",
+            "most",
+            "total_server_connections",
+        ),
         ("PGMUX_PEER_DNS_SERVER", "kube-dns", "peer_dns_server"),
         ("PGMUX_PEER_DNS_NAME", "bad name!", "peer_dns_name"),
         ("PGMUX_PEER_CHECK_INTERVAL", "10ms", "peer_check_interval"),

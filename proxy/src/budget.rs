@@ -10,16 +10,18 @@
 //! forget it. Lowering the limit closes idle servers over it at once and busy ones
 //! never (their transactions finish; the pool then stays below).
 //!
-//! The limit in force is the smaller of `max_db_connections` and
-//! `total_server_connections / peers` (at least 1), where `peers` is the number of
-//! addresses the headless Service name `peer_dns_name` resolves to (see
-//! [`crate::peers`]), re-evaluated every `peer_check_interval`.
+//! The limit in force on a node is the smaller of `max_db_connections` and
+//! `total / peers` (at least 1), where `peers` is the number of addresses the headless
+//! Service name `peer_dns_name` resolves to (see [`crate::peers`]), re-evaluated every
+//! `peer_check_interval`, and `total` is `total_server_connections`, or with `"auto"`
+//! the node's own `max_connections − superuser_reserved_connections −
+//! reserved_server_connections`, read on the first connection pgmux opens to it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
-use pgmux_config::ServerAddr;
+use pgmux_config::{ServerAddr, TotalBudget};
 use tokio::sync::Notify;
 
 use crate::pool::Pool;
@@ -29,6 +31,11 @@ type NodeKey = (String, u16);
 /// Open (or opening) server connections to one node.
 #[derive(Default)]
 pub struct NodeBudget {
+    /// The limit in force on this node; 0: none.
+    limit: AtomicUsize,
+    /// `max_connections − superuser_reserved_connections` as the node reported it; 0:
+    /// not known yet.
+    capacity: AtomicUsize,
     open: AtomicUsize,
     /// Pools waiting for a permit (they are told when a server turns idle too).
     waiting: AtomicUsize,
@@ -64,12 +71,14 @@ pub enum Acquired {
 /// The budgets of every node, and the inputs of the limit in force.
 #[derive(Default)]
 pub struct Budgets {
-    /// The per-node limit in force; 0: none.
-    limit: AtomicUsize,
     /// `max_db_connections`; 0: none.
     configured: AtomicUsize,
-    /// `total_server_connections`; 0: off.
+    /// `total_server_connections` when a number; 0: none.
     total: AtomicUsize,
+    /// `total_server_connections = "auto"`.
+    auto: std::sync::atomic::AtomicBool,
+    /// `reserved_server_connections`.
+    reserve: AtomicUsize,
     /// Live pgmux instances found through `peer_dns_name` (at least 1).
     peers: AtomicUsize,
     nodes: DashMap<NodeKey, Arc<NodeBudget>>,
@@ -77,9 +86,9 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// The per-node limit in force (0: none).
-    pub fn limit(&self) -> usize {
-        self.limit.load(Ordering::Relaxed)
+    /// The limit in force on `addr`'s node (0: none).
+    pub fn limit_for(&self, addr: &ServerAddr) -> usize {
+        self.node(&Self::key(addr)).limit.load(Ordering::Relaxed)
     }
 
     /// Pgmux instances the total is divided by.
@@ -87,57 +96,100 @@ impl Budgets {
         self.peers.load(Ordering::Relaxed).max(1)
     }
 
-    /// Sets `max_db_connections` and `total_server_connections` (config or live
-    /// change) and applies the resulting limit.
-    pub fn configure(&self, max_db_connections: usize, total: usize) {
+    /// Sets `max_db_connections`, `total_server_connections` and
+    /// `reserved_server_connections` (config or live change) and applies the limits.
+    pub fn configure(&self, max_db_connections: usize, total: TotalBudget, reserve: usize) {
         self.configured.store(max_db_connections, Ordering::Relaxed);
-        self.total.store(total, Ordering::Relaxed);
+        let (fixed, auto) = match total {
+            TotalBudget::Off => (0, false),
+            TotalBudget::Fixed(n) => (n, false),
+            TotalBudget::Auto => (0, true),
+        };
+        self.total.store(fixed, Ordering::Relaxed);
+        self.auto.store(auto, Ordering::Relaxed);
+        self.reserve.store(reserve, Ordering::Relaxed);
         self.apply();
     }
 
-    /// A new count of live peers (peer discovery) and applies the resulting limit.
+    /// A new count of live peers (peer discovery) and applies the resulting limits.
     pub fn set_peers(&self, peers: usize) {
         self.peers.store(peers.max(1), Ordering::Relaxed);
         self.apply();
     }
 
+    /// `total_server_connections = "auto"` and `addr`'s node has not reported its
+    /// capacity yet: the next server opened there should ask.
+    pub fn needs_capacity(&self, addr: &ServerAddr) -> bool {
+        self.auto.load(Ordering::Relaxed)
+            && self.node(&Self::key(addr)).capacity.load(Ordering::Relaxed) == 0
+    }
+
+    /// What `addr`'s node reported: `max_connections − superuser_reserved_connections`.
+    pub fn set_capacity(&self, addr: &ServerAddr, capacity: usize) {
+        let key = Self::key(addr);
+        let node = self.node(&key);
+        node.capacity.store(capacity.max(1), Ordering::Relaxed);
+        self.apply_node(&key, &node);
+    }
+
     fn apply(&self) {
+        let nodes: Vec<(NodeKey, Arc<NodeBudget>)> = self
+            .nodes
+            .iter()
+            .map(|n| (n.key().clone(), n.value().clone()))
+            .collect();
+        for (key, node) in nodes {
+            self.apply_node(&key, &node);
+        }
+    }
+
+    /// The limit for `node` from the current inputs.
+    fn compute(&self, node: &NodeBudget) -> usize {
         let configured = self.configured.load(Ordering::Relaxed);
-        let total = self.total.load(Ordering::Relaxed);
-        let share = (total > 0).then(|| (total / self.peers()).max(1));
-        let limit = match (configured, share) {
+        let total = match self.total.load(Ordering::Relaxed) {
+            0 if self.auto.load(Ordering::Relaxed) => {
+                match node.capacity.load(Ordering::Relaxed) {
+                    // Not known yet: one connection, the one that asks.
+                    0 => 1,
+                    cap => cap
+                        .saturating_sub(self.reserve.load(Ordering::Relaxed))
+                        .max(1),
+                }
+            }
+            n => n,
+        };
+        let unknown = total == 1
+            && self.auto.load(Ordering::Relaxed)
+            && node.capacity.load(Ordering::Relaxed) == 0;
+        let share = match total {
+            0 => None,
+            _ if unknown => Some(1),
+            t => Some((t / self.peers()).max(1)),
+        };
+        match (configured, share) {
             (0, None) => 0,
             (0, Some(s)) => s,
             (c, None) => c,
             (c, Some(s)) => c.min(s),
-        };
-        let old = self.limit.swap(limit, Ordering::Relaxed);
+        }
+    }
+
+    fn apply_node(&self, key: &NodeKey, node: &Arc<NodeBudget>) {
+        let limit = self.compute(node);
+        let old = node.limit.swap(limit, Ordering::Relaxed);
         if old == limit {
             return;
         }
-        {
-            tracing::info!(
-                limit,
-                peers = self.peers(),
-                max_db_connections = configured,
-                total_server_connections = total,
-                "server connections per node limit changed"
-            );
-        }
+        tracing::info!(server = %format!("{}:{}", key.0, key.1), limit, peers = self.peers(), "server connections limit changed");
         if limit == 0 || (old != 0 && limit >= old) {
             // Raised: waiters may go on.
-            for n in self.nodes.iter() {
-                n.freed.notify_waiters();
-            }
+            node.freed.notify_waiters();
             return;
         }
         // Lowered: idle servers over the limit close now.
-        for n in self.nodes.iter() {
-            let (key, node) = (n.key().clone(), n.value().clone());
-            while node.open.load(Ordering::Acquire) > limit {
-                if !self.evict_idle(&key, None) {
-                    break;
-                }
+        while node.open.load(Ordering::Acquire) > limit {
+            if !self.evict_idle(key, None) {
+                break;
             }
         }
     }
@@ -153,7 +205,16 @@ impl Budgets {
         if let Some(n) = self.nodes.get(key) {
             return n.clone();
         }
-        self.nodes.entry(key.clone()).or_default().clone()
+        let node = self
+            .nodes
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let n = NodeBudget::default();
+                n.limit.store(self.compute(&n), Ordering::Relaxed);
+                Arc::new(n)
+            })
+            .clone();
+        node
     }
 
     fn key(addr: &ServerAddr) -> NodeKey {
@@ -170,7 +231,7 @@ impl Budgets {
     /// A permit if the node is below the limit.
     pub fn try_acquire(&self, addr: &ServerAddr) -> Option<Permit> {
         let node = self.node(&Self::key(addr));
-        let limit = self.limit();
+        let limit = node.limit.load(Ordering::Relaxed);
         let mut cur = node.open.load(Ordering::Acquire);
         loop {
             if limit != 0 && cur >= limit {

@@ -316,8 +316,11 @@ impl Shared {
 
     /// Sets every pool's limits from `cfg` and the pool's live overrides.
     fn apply_limits(&self, cfg: &Config) {
-        self.budgets
-            .configure(cfg.max_db_connections, cfg.total_server_connections);
+        self.budgets.configure(
+            cfg.max_db_connections,
+            cfg.total_server_connections,
+            cfg.reserved_server_connections,
+        );
         for p in self.all_pools() {
             let (max, min) = *p.overrides.lock().unwrap_or_else(|e| e.into_inner());
             let max = max.unwrap_or_else(|| cfg.pool_size_for(&p.database, &p.user));
@@ -647,7 +650,7 @@ impl Control for Shared {
                     min_pool_size: cfg.min_pool_size,
                     max_client_conn: cfg.max_client_conn,
                     current_connections: current,
-                    max_connections: self.budgets.limit(),
+                    max_connections: self.budgets.limit_for(&db.primary),
                     paused: paused.covers(&db.name),
                 }
             })

@@ -126,7 +126,11 @@ impl Shared {
         rand::thread_rng().fill_bytes(&mut mock_secret);
         let router = Router::new(&config.write_functions);
         let budgets = Arc::new(budget::Budgets::default());
-        budgets.configure(config.max_db_connections, config.total_server_connections);
+        budgets.configure(
+            config.max_db_connections,
+            config.total_server_connections,
+            config.reserved_server_connections,
+        );
         Arc::new(Shared {
             router,
             topologies: DashMap::new(),

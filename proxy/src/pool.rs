@@ -579,6 +579,37 @@ impl Pool {
             Ok(mut s) => {
                 s.generation = generation;
                 s.budget = Some(permit);
+                if self.budgets.needs_capacity(&addr) {
+                    // total_server_connections = "auto": learn the node's capacity.
+                    let sql = "SELECT current_setting('max_connections')::int \
+                               - current_setting('superuser_reserved_connections')::int";
+                    match s.first_row(sql).await {
+                        Ok(Ok(row)) => {
+                            if let Some(n) = row
+                                .first()
+                                .and_then(|v| v.as_deref())
+                                .and_then(|v| v.parse::<usize>().ok())
+                            {
+                                self.budgets.set_capacity(&addr, n);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            // No automatic budget for this node then (a fixed one still
+                            // applies), rather than one connection for ever.
+                            tracing::warn!(db = %self.database, error = %e, "cannot read max_connections for total_server_connections = \"auto\"; no automatic budget for this server");
+                            self.budgets.set_capacity(&addr, usize::MAX / 2);
+                        }
+                        Err(e) => {
+                            self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                            drop(s);
+                            self.release_slot();
+                            return Err(PoolError::Connect(BackendError::Protocol {
+                                addr: crate::backend::display_addr(&addr),
+                                source: e,
+                            }));
+                        }
+                    }
+                }
                 self.stats.servers_opened.fetch_add(1, Ordering::Relaxed);
                 let opened = Instant::now();
                 let entry = Arc::new(ServerEntry {
