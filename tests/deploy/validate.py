@@ -797,6 +797,7 @@ def main():
         "extraVolumes": [{"name": "ca", "secret": {"secretName": "db-ca"}}],
         "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/pgmux-ca", "readOnly": True}],
         "service": {"annotations": {"example.com/lb": "internal"}},
+        "connectionBudget": {"totalServerConnections": "auto", "reservedServerConnections": 20, "maxDbConnections": 60},
     }
     variants = {
         "defaults": ("pgmux", {}),
