@@ -282,6 +282,11 @@ pub enum Expect {
     /// for a statement the server already has, an error); released to the client when
     /// everything before it has arrived.
     Synthetic { bytes: Bytes, undo: Undo },
+    /// A message pgmux sent to fail on purpose (Describe of a portal no client can name),
+    /// standing for a client message pgmux refused itself (unknown or duplicate statement
+    /// name): PostgreSQL's error aborts its transaction and skips to Sync exactly as the
+    /// client's message would have; the client sees `error` in place of that error.
+    Fail { error: Bytes },
 }
 
 /// What to take back in the client's statement names if a synthetic response is discarded

@@ -439,12 +439,31 @@ fn synthetic(p: &mut Pump<'_>, bytes: Bytes, undo: Undo) {
     }
 }
 
+/// The error PostgreSQL would give a client message pgmux refuses itself (its
+/// statement names are pgmux's, not the server's). The server must fail too, or a
+/// transaction the error should abort would commit: a Describe of a portal no client can
+/// name goes in the message's place, and its error is replaced with this one. The server
+/// then skips the client's messages up to Sync, as it would have.
 fn synthetic_error(p: &mut Pump<'_>, code: &str, text: &str) {
     let mut b = BytesMut::new();
     msg::error_response(&mut b, Severity::Error, code, text);
-    synthetic(p, b.freeze(), Undo::Nothing);
-    *p.skip_to_sync = true;
+    if p.server.skipping {
+        // PostgreSQL would not have looked at this message.
+        return;
+    }
+    p.out.put_u8(b'D');
+    p.out.put_i32((4 + 1 + FAIL_PORTAL.len() + 1) as i32);
+    p.out.put_u8(b'P');
+    p.out.put_slice(FAIL_PORTAL);
+    p.out.put_u8(0);
+    p.server
+        .expect
+        .push_back(Expect::Fail { error: b.freeze() });
+    p.server.unsynced = true;
 }
+
+/// A portal name no client creates by accident (a control character first).
+const FAIL_PORTAL: &[u8] = b"\x01pgmux refused";
 
 fn undo_client(undo: &Undo, statements: &mut ClientStatements) {
     match undo {
@@ -546,7 +565,9 @@ pub fn scan_server(
         if server.buf.len() - pos < total {
             break;
         }
+        let mut replacement = None;
         let parts = Parts {
+            replacement: &mut replacement,
             expect: &mut server.expect,
             skipping: &mut server.skipping,
             copy_in: &mut server.copy_in,
@@ -567,6 +588,9 @@ pub fn scan_server(
             append(out, server.buf.split_to(pos));
             server.buf.advance(total);
             pos = 0;
+            if let Some(error) = replacement {
+                out.extend_from_slice(&error);
+            }
         } else {
             pos += total;
         }
@@ -592,6 +616,8 @@ pub fn scan_server(
 
 /// The parts of a server `on_message` updates (disjoint from the read buffer).
 struct Parts<'a> {
+    /// Set with a swallowed message: what the client gets in its place.
+    replacement: &'a mut Option<Bytes>,
     expect: &'a mut std::collections::VecDeque<Expect>,
     skipping: &'a mut bool,
     copy_in: &'a mut bool,
@@ -642,6 +668,19 @@ fn on_message(
             params.reported(k, v);
         }
         b'E' => {
+            if let Some(Expect::Fail { error }) = s.expect.front() {
+                // The failure pgmux asked for: the client gets its own error instead.
+                let error = error.clone();
+                if let Ok(f) = ErrorFields::parse(&error[5..]) {
+                    if let [a, b, ..] = f.code().as_bytes() {
+                        s.error_classes.push([*a, *b]);
+                    }
+                }
+                s.expect.pop_front();
+                *s.skipping = true;
+                *s.replacement = Some(error);
+                return Ok(true);
+            }
             if let Ok(f) = ErrorFields::parse(body) {
                 if let [a, b, ..] = f.code().as_bytes() {
                     s.error_classes.push([*a, *b]);
@@ -683,6 +722,14 @@ fn on_message(
         }
         b'T' | b'n' if head_is(&s, |e| matches!(e, Expect::Describe)) => {
             s.expect.pop_front();
+        }
+        b'T' | b'n' if head_is(&s, |e| matches!(e, Expect::Fail { .. })) => {
+            // Someone did create that portal: the server did not fail, but the client
+            // still gets the error for its own message.
+            if let Some(Expect::Fail { error }) = s.expect.pop_front() {
+                *s.replacement = Some(error);
+                return Ok(true);
+            }
         }
         b'C' | b'I' | b's' if head_is(&s, |e| matches!(e, Expect::Execute)) => {
             s.expect.pop_front();
