@@ -970,22 +970,14 @@ fn wrong_state_messages_keep_sessions_and_servers_sane() {
     bad.send(&RawConn::password_message("hunter2-unasked"));
     let e = expect_fatal(&mut bad, "08P01", "password message after login");
     assert!(e[&'M'].contains("invalid frontend message type"), "{e:?}");
-    // A second StartupMessage after login. Read as a tagged message, its type byte is 0
-    // and its "length" the next four bytes (0x00001a00 here): pgmux waits for that many
-    // bytes before it looks at the type (PostgreSQL refuses type 0 at once). Completed
-    // with padding, it is 08P01; cut short by EOF, a close; nothing runs either way.
+    // A second StartupMessage after login. Read as a tagged message, its type byte is 0:
+    // refused at once with 08P01, as PostgreSQL does (pgmux used to wait first for the
+    // "length" the next four bytes seem to announce, 0x00001a00 here).
     let second = RawConn::startup_message(&[("user", &db.user)]);
-    let claimed = i32::from_be_bytes([second[1], second[2], second[3], second[4]]) as usize;
-    let mut bad = db.raw(&px);
-    let mut p = second.clone();
-    p.resize(claimed + 1, 0);
-    bad.send(&p);
-    let e = expect_fatal(&mut bad, "08P01", "second StartupMessage, padded");
-    assert!(e[&'M'].contains("invalid frontend message type"), "{e:?}");
     let mut bad = db.raw(&px);
     bad.send(&second);
-    bad.shutdown_write();
-    assert!(bad.is_closed(), "second StartupMessage, then EOF");
+    let e = expect_fatal(&mut bad, "08P01", "second StartupMessage");
+    assert!(e[&'M'].contains("invalid frontend message type 0"), "{e:?}");
     // The same inside a transaction: the transaction is rolled back.
     let mut bad = db.raw(&px);
     bad.simple_query("BEGIN");

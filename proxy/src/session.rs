@@ -1136,6 +1136,22 @@ impl Session<'_> {
                             return DisconnectReason::ClientProtocolError;
                         }
                     },
+                    // A type no frontend message has (e.g. a second StartupMessage, whose
+                    // first byte is 0): refused now, not after waiting for the length it
+                    // seems to announce.
+                    Ok(None)
+                        if self
+                            .client
+                            .rbuf
+                            .first()
+                            .is_some_and(|t| !b"QPBDECSFXHdcf".contains(t)) =>
+                    {
+                        let text = format!("invalid frontend message type {}", self.client.rbuf[0]);
+                        self.client
+                            .fail(Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, &text)
+                            .await;
+                        return DisconnectReason::ClientProtocolError;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         return self.client.protocol_violation(&e).await;
