@@ -453,7 +453,32 @@ fn parse_sts_response(body: &str) -> Result<AwsCredentials, String> {
         .find("<Credentials>")
         .map(|i| &body[i..])
         .ok_or("response has no Credentials")?;
-    let field = |t: &str| xml_text(creds, t).filter(|v| !v.is_empty());
+    credentials_from(
+        |t| xml_text(creds, t).filter(|v| !v.is_empty()),
+        "SessionToken",
+    )
+}
+
+fn parse_container_response(body: &str) -> Result<AwsCredentials, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("response is not JSON: {e}"))?;
+    credentials_from(
+        |k| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        },
+        "Token",
+    )
+}
+
+/// Credentials from a response's fields (STS and the container endpoint name them alike,
+/// but for the session token's).
+fn credentials_from(
+    field: impl Fn(&str) -> Option<String>,
+    token_field: &str,
+) -> Result<AwsCredentials, String> {
     let (Some(id), Some(secret)) = (field("AccessKeyId"), field("SecretAccessKey")) else {
         return Err("response lacks AccessKeyId or SecretAccessKey".into());
     };
@@ -467,29 +492,7 @@ fn parse_sts_response(body: &str) -> Result<AwsCredentials, String> {
     Ok(AwsCredentials {
         access_key_id: id,
         secret_access_key: Secret::new(secret),
-        session_token: field("SessionToken").map(Secret::new),
-        expiration,
-    })
-}
-
-fn parse_container_response(body: &str) -> Result<AwsCredentials, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| format!("response is not JSON: {e}"))?;
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).filter(|s| !s.is_empty());
-    let (Some(id), Some(secret)) = (field("AccessKeyId"), field("SecretAccessKey")) else {
-        return Err("response lacks AccessKeyId or SecretAccessKey".into());
-    };
-    let expiration = match field("Expiration") {
-        Some(e) => Some(
-            humantime::parse_rfc3339_weak(e.trim_end_matches('Z'))
-                .map_err(|x| format!("bad Expiration {e:?}: {x}"))?,
-        ),
-        None => None,
-    };
-    Ok(AwsCredentials {
-        access_key_id: id.to_owned(),
-        secret_access_key: Secret::new(secret),
-        session_token: field("Token").map(Secret::new),
+        session_token: field(token_field).map(Secret::new),
         expiration,
     })
 }
