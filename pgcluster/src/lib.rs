@@ -305,8 +305,33 @@ fn pg_major_version() -> String {
         .to_string()
 }
 
-/// A free TCP port on 127.0.0.1 (bind to port 0 and release it).
+/// A free TCP port on 127.0.0.1 for a listener, drawn below the kernel's ephemeral
+/// range (32768 and up on Linux): a port from that range (what binding port 0 gives) can
+/// be taken as the source port of some client's connection between this pick and the
+/// listener's bind, and tests that open thousands of client sockets made that happen.
+/// The pick is pseudo-random (process id, clock, a counter) so concurrent test processes
+/// rarely try the same port, and it is checked to be bindable.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    const LOW: u64 = 15000;
+    const HIGH: u64 = 32000;
+    for _ in 0..200 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let h = fnv1a(&[
+            &std::process::id().to_le_bytes(),
+            &nanos.to_le_bytes(),
+            &n.to_le_bytes(),
+        ]);
+        let port = (LOW + h % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
