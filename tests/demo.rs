@@ -236,6 +236,16 @@ async fn demo_serves_primary_replica_admin_and_cleans_up_on_sigint() {
     assert!(root.is_dir(), "{}", root.display());
     assert!(!processes_mentioning(&root.display().to_string()).is_empty());
 
+    // The banner is printed before pgmux binds its port: wait for its start line.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !demo.stderr().contains("pgmux accepting connections") {
+        assert!(
+            Instant::now() < deadline,
+            "pgmux did not start: {}",
+            demo.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Writes go to the primary, the demo table is there.
     let client = connect(&url).await;
     let id: i64 = client
