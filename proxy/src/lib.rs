@@ -26,9 +26,11 @@
 pub mod auth;
 pub mod authquery;
 pub mod backend;
+pub mod budget;
 pub mod cancel;
 pub mod control;
 pub mod params;
+pub mod peers;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -39,8 +41,6 @@ pub mod router;
 pub mod routing;
 pub mod session;
 pub mod sockio;
-pub mod budget;
-pub mod peers;
 pub mod tcp;
 pub mod tls;
 
