@@ -83,6 +83,9 @@ pub struct Budgets {
     peers: AtomicUsize,
     nodes: DashMap<NodeKey, Arc<NodeBudget>>,
     pools: Mutex<Vec<Weak<Pool>>>,
+    /// Pools waiting for a permit on any node: while none waits, a server turning idle
+    /// (every transaction's end) costs one load here, no node lookup.
+    waiting: AtomicUsize,
 }
 
 impl Budgets {
@@ -260,7 +263,8 @@ impl Budgets {
         let key = Self::key(addr);
         let node = self.node(&key);
         node.waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&node);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(self, &node);
         loop {
             let freed = node.freed.notified();
             tokio::pin!(freed);
@@ -283,9 +287,13 @@ impl Budgets {
         }
     }
 
-    /// A pool's server turned idle: a pool waiting for a permit on that node may close it.
-    pub fn idle_available(&self, addr: &ServerAddr) {
-        if let Some(n) = self.nodes.get(&Self::key(addr)) {
+    /// One of `pool`'s servers turned idle: a pool waiting for a permit on that node may
+    /// close it.
+    pub fn idle_available(&self, pool: &Pool) {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if let Some(n) = self.nodes.get(&Self::key(&pool.addr())) {
             if n.waiting.load(Ordering::Acquire) > 0 {
                 n.freed.notify_one();
             }
@@ -311,10 +319,11 @@ impl Budgets {
 }
 
 /// Counts a waiting pool while it waits.
-struct Waiting<'a>(&'a NodeBudget);
+struct Waiting<'a>(&'a Budgets, &'a NodeBudget);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        self.1.waiting.fetch_sub(1, Ordering::AcqRel);
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }

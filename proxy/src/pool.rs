@@ -762,7 +762,7 @@ impl Pool {
         g.idle.push(server);
         drop(g);
         // A pool waiting for a permit on this node may close it.
-        self.budgets.idle_available(&self.addr());
+        self.budgets.idle_available(self);
     }
 
     /// Whether an idle server is waiting in this pool.
