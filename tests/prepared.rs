@@ -435,3 +435,46 @@ async fn statement_validity_is_per_database() {
     let msgs = b.read_until_ready();
     assert_eq!(sqlstate(&msgs).as_deref(), Some("42P01"), "{msgs:?}");
 }
+
+/// Regression (found with session_state_action = reject, whose refusals share this path):
+/// a response pgmux makes itself for a message pipelined after a Sync was dropped when
+/// the error before that Sync had already arrived, as if the server would skip the
+/// message; the Sync ends the skip first, so the client was owed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_answers_after_a_pipelined_sync_survive_an_earlier_error() {
+    let env = env();
+    let px = env.pgmux(&["--pool-size", "1"]);
+    let mut c = env.raw(&px);
+    let mut pkt = parse("q1", "select 1");
+    pkt.extend(sync());
+    c.send(&pkt);
+    assert_eq!(tags(&c.read_until_ready()), "1Z");
+    for _ in 0..3 {
+        // A failing Parse without Sync: the server answers its error and starts skipping.
+        c.send(&parse("", "selec 1"));
+        let (tag, body) = c.read_message().expect("the error");
+        assert_eq!(tag, b'E');
+        assert_eq!(RawConn::error_fields(&body)[&'C'], "42601");
+        // Then the Sync, and in the same write a Close (answered by pgmux) and a Describe
+        // of an unknown statement (refused by pgmux) in the next cycle.
+        let mut pkt = sync();
+        pkt.extend(close_stmt("q1"));
+        pkt.extend(sync());
+        pkt.extend(describe_stmt("nope"));
+        pkt.extend(sync());
+        c.send(&pkt);
+        assert_eq!(tags(&c.read_until_ready()), "Z");
+        assert_eq!(
+            tags(&c.read_until_ready()),
+            "3Z",
+            "the CloseComplete is owed"
+        );
+        let msgs = c.read_until_ready();
+        assert_eq!(tags(&msgs), "EZ", "the 26000 is owed");
+        assert_eq!(sqlstate(&msgs).as_deref(), Some("26000"));
+        let mut pkt = parse("q1", "select 1");
+        pkt.extend(sync());
+        c.send(&pkt);
+        assert_eq!(tags(&c.read_until_ready()), "1Z");
+    }
+}

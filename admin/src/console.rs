@@ -1262,6 +1262,7 @@ mod tests {
             active: 2,
             idle: 4,
             connecting: 1,
+            pinned: 0,
         };
         primary.max_wait_us = 1_250_000;
         let mut replica = pool("app", "alice", Role::Replica);
@@ -1273,6 +1274,7 @@ mod tests {
             active: 1,
             idle: 1,
             connecting: 2,
+            pinned: 0,
         };
         replica.max_wait_us = 3_000_007;
         let other = pool("app", "bob", Role::Primary);

@@ -529,6 +529,7 @@ mod tests {
                 active,
                 idle: 2,
                 connecting: 0,
+                pinned: 0,
             },
             clients: ClientCounts::default(),
             max_wait_us: 0,

@@ -186,6 +186,9 @@ pub struct ServerCounts {
     pub idle: usize,
     /// Being opened (connect + login).
     pub connecting: usize,
+    /// Of the active ones: held by a client between its transactions too, because it made
+    /// session state (`session_state_action = "pin"`).
+    pub pinned: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -225,6 +228,23 @@ pub struct PoolTotals {
     pub statements_prepared: u64,
     pub statement_cache_hits: u64,
     pub statement_evictions: u64,
+    /// Statements that make session state (`session_state_action`): clients whose server
+    /// was pinned, statements let through with a warning, statements refused.
+    pub session_pins: u64,
+    pub session_state_warned: u64,
+    pub session_state_rejected: u64,
+    /// Session-state statements by client application_name and kind (`set`, `listen`,
+    /// `advisory_lock`, `cursor_with_hold`, `temp_table`, `prepare`, `set_config`,
+    /// `load`); at most 64 pairs, later ones under `(other)`.
+    pub session_state_sources: Vec<SessionStateSource>,
+}
+
+/// One row of [`PoolTotals::session_state_sources`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionStateSource {
+    pub application_name: String,
+    pub feature: String,
+    pub count: u64,
 }
 
 /// One client connection.

@@ -185,6 +185,21 @@ impl Metrics {
                 "pgmux_prepared_statements_evicted_total",
                 t.statement_evictions,
             );
+            g("pgmux_pool_servers_pinned", p.servers.pinned as f64);
+            for (action, n) in [
+                ("pin", t.session_pins),
+                ("warn", t.session_state_warned),
+                ("reject", t.session_state_rejected),
+            ] {
+                self.counter("pgmux_session_state_total", with("action", action))
+                    .absolute(n);
+            }
+            for src in &t.session_state_sources {
+                let mut l = with("application_name", &src.application_name);
+                l.push(Label::new("feature", src.feature.clone()));
+                self.counter("pgmux_session_state_statements_total", l)
+                    .absolute(src.count);
+            }
             for (class, n) in &t.errors_by_class {
                 self.counter("pgmux_errors_total", with("class", class))
                     .absolute(*n);

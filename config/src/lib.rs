@@ -161,6 +161,10 @@ pub struct Config {
     pub read_routing: ReadRouting,
     /// Scope of read-your-writes after a write commits; default [`ReadYourWrites::User`].
     pub read_your_writes: ReadYourWrites,
+    /// What to do when a client changes session state that cannot follow it from server
+    /// to server (`SET work_mem`, `LISTEN`, session advisory locks, …); default
+    /// [`SessionStateAction::Pin`].
+    pub session_state_action: SessionStateAction,
     /// How pgmux logs in to PostgreSQL; default [`ServerAuth::Password`]. Read when a
     /// pool is created (a reload applies it to pools created afterwards).
     pub server_auth: ServerAuth,
@@ -538,6 +542,53 @@ impl ReadYourWrites {
     }
 }
 
+/// What pgmux does when a client's statement changes session state that transaction
+/// pooling cannot carry from one server connection to the next: `SET` of a parameter
+/// pgmux does not track (work_mem, search_path, role, …), `LISTEN`, session advisory
+/// locks, `WITH HOLD` cursors, temporary tables, SQL-level `PREPARE`, `LOAD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionStateAction {
+    /// `"pin"` (default): the server stays with that client until it disconnects (as in
+    /// session pooling), and is closed then, so the state never reaches anyone else.
+    #[default]
+    Pin,
+    /// `"warn"`: the statement runs and the server goes back to the pool as usual;
+    /// pgmux logs a warning (with the client's application_name) and counts it. The
+    /// state may then be seen by other clients: for finding such statements, not for
+    /// production.
+    Warn,
+    /// `"reject"`: the statement is refused with SQLSTATE 0A000 (feature_not_supported)
+    /// and nothing of it runs.
+    Reject,
+}
+
+impl SessionStateAction {
+    /// The configuration-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStateAction::Pin => "pin",
+            SessionStateAction::Warn => "warn",
+            SessionStateAction::Reject => "reject",
+        }
+    }
+
+    /// Parse the configuration spelling (surrounding whitespace and case ignored).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "pin" => Some(SessionStateAction::Pin),
+            "warn" => Some(SessionStateAction::Warn),
+            "reject" => Some(SessionStateAction::Reject),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SessionStateAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for ReadYourWrites {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -742,6 +793,7 @@ impl Default for Config {
             max_prepared_statements: 500,
             read_routing: ReadRouting::Auto,
             read_your_writes: ReadYourWrites::User,
+            session_state_action: SessionStateAction::Pin,
             server_auth: ServerAuth::Password,
             aws_region: None,
             client_tls: ClientTls::default(),
@@ -903,6 +955,7 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_MAX_PREPARED_STATEMENTS", "max_prepared_statements"),
     ("PGMUX_READ_ROUTING", "read_routing"),
     ("PGMUX_READ_YOUR_WRITES", "read_your_writes"),
+    ("PGMUX_SESSION_STATE_ACTION", "session_state_action"),
     ("PGMUX_SERVER_AUTH", "server_auth"),
     ("PGMUX_AWS_REGION", "aws_region"),
     ("PGMUX_MAX_REPLICA_LAG", "max_replica_lag"),

@@ -91,6 +91,7 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("max_prepared_statements", int(c.max_prepared_statements)),
         ("read_routing", s(c.read_routing.as_str())),
         ("read_your_writes", s(c.read_your_writes.as_str())),
+        ("session_state_action", s(c.session_state_action.as_str())),
         ("server_auth", s(c.server_auth.as_str())),
         ("aws_region", s(c.aws_region.as_deref().unwrap_or(""))),
         ("client_tls_mode", s(c.client_tls.mode.as_str())),

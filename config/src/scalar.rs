@@ -4,8 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     AuthType, ClientTlsMode, Config, ConfigError, Origin, ReadRouting, ReadYourWrites, Secret,
-    ServerAuth, SslMode, TotalBudget, MAX_MAX_MESSAGE_SIZE, MAX_REPLICA_CHECK_INTERVAL,
-    MIN_MAX_MESSAGE_SIZE, MIN_REPLICA_CHECK_INTERVAL,
+    ServerAuth, SessionStateAction, SslMode, TotalBudget, MAX_MAX_MESSAGE_SIZE,
+    MAX_REPLICA_CHECK_INTERVAL, MIN_MAX_MESSAGE_SIZE, MIN_REPLICA_CHECK_INTERVAL,
 };
 
 /// A value plus the key and origin it came from.
@@ -104,6 +104,7 @@ pub(crate) struct Scalars {
     max_prepared_statements: Option<Sourced<usize>>,
     read_routing: Option<Sourced<ReadRouting>>,
     read_your_writes: Option<Sourced<ReadYourWrites>>,
+    session_state_action: Option<Sourced<SessionStateAction>>,
     server_auth: Option<Sourced<ServerAuth>>,
     aws_region: Option<Sourced<Option<String>>>,
     max_replica_lag: Option<Sourced<Duration>>,
@@ -160,6 +161,7 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "max_prepared_statements",
     "read_routing",
     "read_your_writes",
+    "session_state_action",
     "server_auth",
     "aws_region",
     "max_replica_lag",
@@ -206,6 +208,7 @@ pub(crate) const LIVE_KEYS: &[&str] = &[
     "server_check_delay",
     "query_timeout",
     "read_your_writes",
+    "session_state_action",
     "max_replica_lag",
     "max_db_connections",
     "total_server_connections",
@@ -254,6 +257,10 @@ impl Scalars {
             "read_routing" => self.read_routing = wrap(parse_read_routing(raw), key, &origin)?,
             "read_your_writes" => {
                 self.read_your_writes = wrap(parse_read_your_writes(raw), key, &origin)?
+            }
+            "session_state_action" => {
+                self.session_state_action =
+                    wrap(parse_session_state_action(raw), key, &origin)?
             }
             "server_auth" => self.server_auth = wrap(parse_server_auth(raw), key, &origin)?,
             "aws_region" => self.aws_region = wrap(parse_aws_region(raw), key, &origin)?,
@@ -599,6 +606,9 @@ impl Scalars {
         if let Some(v) = self.read_your_writes {
             c.read_your_writes = v.value;
         }
+        if let Some(v) = self.session_state_action {
+            c.session_state_action = v.value;
+        }
         if let Some(v) = self.server_auth {
             c.server_auth = v.value;
         }
@@ -819,6 +829,14 @@ fn parse_read_your_writes(raw: Raw<'_>) -> Result<ReadYourWrites, String> {
         raw,
         "expected \"user\", \"client\" or \"off\"",
         ReadYourWrites::parse,
+    )
+}
+
+fn parse_session_state_action(raw: Raw<'_>) -> Result<SessionStateAction, String> {
+    parse_choice(
+        raw,
+        "expected \"pin\", \"warn\" or \"reject\"",
+        SessionStateAction::parse,
     )
 }
 

@@ -1972,3 +1972,43 @@ fn connection_budget_keys() {
         assert!(e.to_string().contains(key), "{e}");
     }
 }
+
+#[test]
+fn session_state_action_key() {
+    // Default pin; file, environment and live change; a bad value names the key.
+    let c = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", "postgres://app@h/app")]),
+    )
+    .unwrap();
+    assert_eq!(c.session_state_action, SessionStateAction::Pin);
+    let (_f, r) = load_file(&format!("session_state_action = \"Reject\"\n{DB}"));
+    assert_eq!(r.unwrap().session_state_action, SessionStateAction::Reject);
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            ("PGMUX_SESSION_STATE_ACTION", "warn"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.session_state_action, SessionStateAction::Warn);
+    let (f, r) = load_file(&format!("session_state_action = \"leak\"\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("session_state_action", &file_origin(&f, 1))
+    );
+    assert!(e.message.contains("\"pin\", \"warn\" or \"reject\""), "{e}");
+    for a in [
+        SessionStateAction::Pin,
+        SessionStateAction::Warn,
+        SessionStateAction::Reject,
+    ] {
+        assert_eq!(SessionStateAction::parse(a.as_str()), Some(a));
+    }
+    let live = c
+        .with_changes(&[("session_state_action".into(), "reject".into())])
+        .unwrap();
+    assert_eq!(live.session_state_action, SessionStateAction::Reject);
+}

@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pgmux_config::ServerAddr;
+use pgmux_config::{ServerAddr, SessionStateAction};
 use pgmux_proxy::backend::{Expect, Server, ServerStream};
 use pgmux_proxy::params::{ClientParams, ServerParams};
 use pgmux_proxy::pool::PoolStats;
 use pgmux_proxy::prepared::{ClientStatements, Registry, ServerStatements};
 use pgmux_proxy::protocol::frame::{complete_frame_len, split_frame};
-use pgmux_proxy::relay::{pump_client, scan_server, Pump};
+use pgmux_proxy::relay::{pump_client, scan_server, Pump, StateCheck};
 
 const MAX: usize = 1 << 20;
 const PGBENCH_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;";
@@ -195,6 +195,8 @@ fn bench_pump_client(c: &mut Criterion) {
             skip_to_sync: &mut skip_to_sync,
             one_unit: false,
             unit_ended: false,
+            // Session-state detection on, as by default.
+            state: StateCheck::new(Some(SessionStateAction::Pin)),
         };
         assert!(!pump_client(&mut rbuf, &mut p, MAX).unwrap());
         assert!(rbuf.is_empty());
@@ -222,6 +224,7 @@ fn bench_pump_client(c: &mut Criterion) {
                     skip_to_sync: &mut skip_to_sync,
                     one_unit: false,
                     unit_ended: false,
+                    state: StateCheck::new(Some(SessionStateAction::Pin)),
                 };
                 let terminate = pump_client(&mut rbuf, &mut p, MAX).unwrap();
                 black_box(terminate);

@@ -351,6 +351,9 @@ pub struct Server {
     /// This connection's share of its node's budget (`max_db_connections`), freed when
     /// the server is dropped.
     pub budget: Option<crate::budget::Permit>,
+    /// A client made session state here and had the server pinned
+    /// (`session_state_action = "pin"`): closed when it comes back, never reused.
+    pub session_state: bool,
 }
 
 impl Server {
@@ -411,6 +414,7 @@ impl Server {
             generation: 0,
             entry: None,
             budget: None,
+            session_state: false,
         }
     }
 

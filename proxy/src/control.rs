@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pgmux_admin::{
     AdminAuth, BoxFuture, ClientCounts, ClientInfo, ConfigItem, Control, ControlError,
     DatabaseInfo, PoolInfo, PoolLimits, PoolPatch, PoolTotals, Readiness, ReplicaInfo, Role,
-    RouteCounts, ServerCounts, ServerInfo, Totals,
+    RouteCounts, ServerCounts, ServerInfo, SessionStateSource, Totals,
 };
 use pgmux_config::{Config, ConfigError, ReadRouting, Secret};
 
@@ -486,6 +486,7 @@ impl Shared {
                 active: c.total.saturating_sub(c.idle + c.connecting),
                 idle: c.idle,
                 connecting: c.connecting,
+                pinned: load(&s.pinned) as usize,
             },
             clients: ClientCounts {
                 active: active_clients,
@@ -511,6 +512,20 @@ impl Shared {
                 statements_prepared: load(&s.statements_prepared),
                 statement_cache_hits: load(&s.statement_cache_hits),
                 statement_evictions: load(&s.statement_evictions),
+                session_pins: load(&s.session_pins),
+                session_state_warned: load(&s.session_state_warned),
+                session_state_rejected: load(&s.session_state_rejected),
+                session_state_sources: s
+                    .session_state_sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|((app, feature), n)| SessionStateSource {
+                        application_name: app.clone(),
+                        feature: (*feature).to_owned(),
+                        count: *n,
+                    })
+                    .collect(),
             },
         }
     }

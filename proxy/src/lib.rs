@@ -40,6 +40,7 @@ pub mod replicas;
 pub mod router;
 pub mod routing;
 pub mod session;
+pub mod sessionstate;
 pub mod sockio;
 pub mod tcp;
 pub mod tls;

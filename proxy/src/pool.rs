@@ -87,10 +87,13 @@ pub enum CloseReason {
     /// Idle, and closed so that another pool could open a server to the same node under
     /// `max_db_connections`.
     DbLimit,
+    /// Pinned to a client that made session state on it (`session_state_action = "pin"`);
+    /// closed when that client left, so the state reaches no one else.
+    SessionState,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::IdleTimeout,
         CloseReason::Lifetime,
         CloseReason::PoolShrunk,
@@ -105,6 +108,7 @@ impl CloseReason {
         CloseReason::Paused,
         CloseReason::Shutdown,
         CloseReason::DbLimit,
+        CloseReason::SessionState,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -123,6 +127,7 @@ impl CloseReason {
             CloseReason::Paused => "paused",
             CloseReason::Shutdown => "shutdown",
             CloseReason::DbLimit => "max_db_connections",
+            CloseReason::SessionState => "session_state",
         }
     }
 }
@@ -168,6 +173,9 @@ impl ServerEntry {
     }
 }
 
+/// Distinct (application_name, feature) pairs counted per pool.
+pub const MAX_SESSION_STATE_SOURCES: usize = 64;
+
 /// Counters kept per pool (exposed by the admin surface).
 #[derive(Default, Debug)]
 pub struct PoolStats {
@@ -188,6 +196,15 @@ pub struct PoolStats {
     pub statement_cache_hits: AtomicU64,
     /// Statements closed to keep a server within max_prepared_statements.
     pub statement_evictions: AtomicU64,
+    /// Session-state statements seen (`session_state_action`), by what was done.
+    pub session_pins: AtomicU64,
+    pub session_state_warned: AtomicU64,
+    pub session_state_rejected: AtomicU64,
+    /// Servers pinned to a client right now.
+    pub pinned: AtomicU64,
+    /// Session-state statements by (application_name, feature), at most
+    /// [`MAX_SESSION_STATE_SOURCES`] entries (later ones count under `"(other)"`).
+    pub session_state_sources: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// ReadyForQuery answers (queries and Syncs).
     pub queries: AtomicU64,
     /// Bytes clients sent to servers / servers sent to clients.
@@ -199,6 +216,23 @@ pub struct PoolStats {
     pub errors: Mutex<BTreeMap<[u8; 2], u64>>,
     /// Server closes, indexed like [`CloseReason::ALL`].
     pub closes: [AtomicU64; CloseReason::ALL.len()],
+}
+
+impl PoolStats {
+    /// Counts `n` session-state statements of kind `f` by a client called `app`.
+    pub fn count_session_state(&self, app: &str, f: crate::sessionstate::Feature, n: u64) {
+        let mut m = self
+            .session_state_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (app.to_owned(), f.as_str());
+        let key = if m.contains_key(&key) || m.len() < MAX_SESSION_STATE_SOURCES {
+            key
+        } else {
+            ("(other)".to_owned(), f.as_str())
+        };
+        *m.entry(key).or_insert(0) += n;
+    }
 }
 
 pub struct Pool {
@@ -730,6 +764,14 @@ impl Pool {
 
     /// Returns a clean server: to the first live waiter, else onto the idle stack.
     fn checkin(&self, mut server: Box<Server>) {
+        if server.session_state {
+            // Its session state (settings, temp tables, LISTEN, locks) must not reach the
+            // next client: closed politely, the slot freed at once.
+            self.count_close(&server, CloseReason::SessionState);
+            self.release_slot();
+            spawn_or_drop(server.terminate());
+            return;
+        }
         if self.is_removed() {
             self.close(server, CloseReason::Reload);
             return;

@@ -35,6 +35,8 @@ pub struct Statement {
     /// A server accepted this Parse at least once: a client's Parse of the same text can be
     /// answered without a server (see `session`'s local answers).
     valid: AtomicBool,
+    /// Session state its text makes (see [`crate::sessionstate`]), checked at every Bind.
+    pub session_state: Option<crate::sessionstate::Feature>,
 }
 
 impl Statement {
@@ -107,6 +109,7 @@ impl Registry {
             query: key.0.clone(),
             param_types: key.1.clone(),
             valid: AtomicBool::new(false),
+            session_state: crate::sessionstate::detect(&key.0),
         });
         // Keep the map from growing without bound: drop dead entries when it doubles.
         if map.len() >= 1024 && map.len().is_power_of_two() {

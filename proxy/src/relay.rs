@@ -24,6 +24,8 @@ use crate::prepared::{self, ClientStatements, Registry, Statement};
 use crate::protocol::frame::{complete_frame_len, peek_header};
 use crate::protocol::messages::{self as msg, cstr, ErrorFields, Severity};
 use crate::protocol::ProtocolError;
+use crate::sessionstate::{self, Feature};
+use pgmux_config::SessionStateAction;
 
 /// Stop taking client frames while this much is queued for the server.
 pub const OUT_LIMIT: usize = 256 * 1024;
@@ -53,6 +55,35 @@ pub struct Pump<'a> {
     pub one_unit: bool,
     /// Set when pumping stopped at the end of a unit (with `one_unit`).
     pub unit_ended: bool,
+    /// Session-state detection (`session_state_action`) and what it found.
+    pub state: StateCheck,
+}
+
+/// Session-state detection for one [`pump_client`] call.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StateCheck {
+    /// What to do about a statement that makes session state; None: do not look (the
+    /// client's server is pinned already).
+    pub action: Option<SessionStateAction>,
+    /// The first such statement's kind.
+    pub found: Option<Feature>,
+    /// How many such statements (simple-query texts, Parses, Binds) went by.
+    pub count: u32,
+}
+
+impl StateCheck {
+    pub fn new(action: Option<SessionStateAction>) -> StateCheck {
+        StateCheck {
+            action,
+            found: None,
+            count: 0,
+        }
+    }
+
+    fn saw(&mut self, f: Feature) {
+        self.found.get_or_insert(f);
+        self.count += 1;
+    }
 }
 
 fn append(out: &mut BytesMut, chunk: BytesMut) {
@@ -90,6 +121,22 @@ pub fn pump_client(
         let tracked = p.max_prepared > 0;
         let ends_unit = p.one_unit && (tag == b'Q' || (tag == b'S' && !p.server.copy_in));
         let body = &rbuf[n + 5..n + len];
+        if let Some(action) = p.state.action.filter(|_| tag == b'Q' || tag == b'P') {
+            if let Some(f) = sessionstate::detect(query_text(tag, body)?) {
+                p.state.saw(f);
+                if action == SessionStateAction::Reject {
+                    append(p.out, rbuf.split_to(n));
+                    n = 0;
+                    rbuf.advance(len);
+                    refuse(p, tag, f);
+                    if ends_unit {
+                        p.unit_ended = true;
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
         let special = match tag {
             b'Q' => {
                 p.server.unsynced = false;
@@ -181,6 +228,46 @@ fn names_a_statement(tag: u8, body: &[u8]) -> Result<bool, ProtocolError> {
     })
 }
 
+/// The SQL text of a Query or Parse body.
+fn query_text(tag: u8, body: &[u8]) -> Result<&[u8], ProtocolError> {
+    let text = match tag {
+        b'Q' => cstr(body).map(|(q, _)| q),
+        _ => cstr(body).and_then(|(_, rest)| cstr(rest)).map(|(q, _)| q),
+    };
+    text.ok_or(ProtocolError::Malformed(if tag == b'Q' {
+        "Query"
+    } else {
+        "Parse"
+    }))
+}
+
+/// Refuses a Query, Parse or Bind that would make session state
+/// (`session_state_action = "reject"`): the client gets 0A000 in its place and the
+/// server fails as it would have on an error there (see [`synthetic_error`]); for a Query
+/// a Sync follows, so the server answers ReadyForQuery as it would have for the Query.
+fn refuse(p: &mut Pump<'_>, tag: u8, f: Feature) {
+    let text = format!(
+        "pgmux: {} is not allowed here: its session state would outlive the transaction \
+         and reach other clients of the pooled server connection (session_state_action = reject)",
+        f.describe()
+    );
+    let mut b = BytesMut::new();
+    msg::error_response_with_hint(&mut b, Severity::Error, "0A000", &text, f.hint());
+    if tag != b'Q' {
+        fail_here(p, b.freeze());
+        return;
+    }
+    if will_skip(p) {
+        // The server discards messages up to the client's next Sync, this Query included:
+        // nothing is sent in its place either.
+        return;
+    }
+    fail_here(p, b.freeze());
+    p.out.put_slice(&[b'S', 0, 0, 0, 4]);
+    p.server.expect.push_back(Expect::Sync);
+    p.server.unsynced = false;
+}
+
 fn utf8(b: &[u8], what: &'static str) -> Result<String, ProtocolError> {
     String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Malformed(what))
 }
@@ -219,6 +306,13 @@ fn handle_named(tag: u8, body: Bytes, p: &mut Pump<'_>) -> Result<(), ProtocolEr
             let Some(stmt) = lookup(p, name) else {
                 return Ok(());
             };
+            if let (Some(action), Some(f)) = (p.state.action, stmt.session_state) {
+                p.state.saw(f);
+                if action == SessionStateAction::Reject {
+                    refuse(p, b'B', f);
+                    return Ok(());
+                }
+            }
             ensure_on_server(p, &stmt);
             let len = 4 + portal.len() + 1 + stmt.name.len() + 1 + rest.len();
             p.out.put_u8(b'B');
@@ -427,9 +521,17 @@ fn prepare_on_server(
     p.server.unsynced = true;
 }
 
+/// Whether the server will skip the message being pumped now: it is skipping after an
+/// extended-protocol error (scanned already) and no Sync is owed before this message. A
+/// Sync still owed ends that skip before the server reaches this message (the client
+/// pipelined past it), so the message counts.
+fn will_skip(p: &Pump<'_>) -> bool {
+    p.server.skipping && !p.server.expect.iter().any(|e| matches!(e, Expect::Sync))
+}
+
 /// Queues a response pgmux makes itself; sends it at once if nothing is owed before it.
 fn synthetic(p: &mut Pump<'_>, bytes: Bytes, undo: Undo) {
-    if p.server.skipping {
+    if will_skip(p) {
         // The server is skipping to Sync: PostgreSQL would not answer this message.
         undo_client(&undo, p.statements);
     } else if p.server.expect.is_empty() {
@@ -447,7 +549,13 @@ fn synthetic(p: &mut Pump<'_>, bytes: Bytes, undo: Undo) {
 fn synthetic_error(p: &mut Pump<'_>, code: &str, text: &str) {
     let mut b = BytesMut::new();
     msg::error_response(&mut b, Severity::Error, code, text);
-    if p.server.skipping {
+    fail_here(p, b.freeze());
+}
+
+/// The server fails here on purpose and the client sees `error` in its place (a
+/// Describe of a portal no client can name; see [`synthetic_error`]).
+fn fail_here(p: &mut Pump<'_>, error: Bytes) {
+    if will_skip(p) {
         // PostgreSQL would not have looked at this message.
         return;
     }
@@ -456,9 +564,7 @@ fn synthetic_error(p: &mut Pump<'_>, code: &str, text: &str) {
     p.out.put_u8(b'P');
     p.out.put_slice(FAIL_PORTAL);
     p.out.put_u8(0);
-    p.server
-        .expect
-        .push_back(Expect::Fail { error: b.freeze() });
+    p.server.expect.push_back(Expect::Fail { error });
     p.server.unsynced = true;
 }
 
@@ -612,6 +718,40 @@ pub fn scan_server(
     }
     append(out, server.buf.split_to(pos));
     Ok(())
+}
+
+/// What a pinned server sent while its client was between transactions.
+pub enum Unsolicited {
+    /// Only messages a backend may send at any time (NotificationResponse, NoticeResponse,
+    /// ParameterStatus), now in `out`; an incomplete one stays in the server's buffer.
+    Forwarded,
+    /// An ErrorResponse (a backend being terminated says FATAL, then closes): its body.
+    Error(Bytes),
+}
+
+/// Moves the complete asynchronous messages a pinned, idle server sent (a LISTEN
+/// notification, a notice, a parameter change) from its buffer to the client's `out`.
+/// Anything else is a protocol error: an idle backend owes nothing.
+pub fn take_unsolicited(
+    server: &mut Server,
+    out: &mut BytesMut,
+    params: &mut ClientParams,
+) -> Result<Unsolicited, ProtocolError> {
+    while let Some((tag, total)) = complete_frame_len(&server.buf, MAX_INSPECTED_SERVER_MESSAGE)? {
+        let frame = server.buf.split_to(total);
+        match tag {
+            b'A' | b'N' => out.extend_from_slice(&frame),
+            b'S' => {
+                let (k, v) = msg::parse_parameter_status(&frame[5..])?;
+                server.params.reported(k, v);
+                params.reported(k, v);
+                out.extend_from_slice(&frame);
+            }
+            b'E' => return Ok(Unsolicited::Error(frame.freeze().slice(5..))),
+            other => return Err(ProtocolError::UnexpectedMessage(other as char)),
+        }
+    }
+    Ok(Unsolicited::Forwarded)
 }
 
 /// The parts of a server `on_message` updates (disjoint from the read buffer).

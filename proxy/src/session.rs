@@ -24,7 +24,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use pgmux_config::{AuthSecret, AuthType, ClientTlsMode, Config, ReadRouting, ReadYourWrites};
+use pgmux_config::{
+    AuthSecret, AuthType, ClientTlsMode, Config, ReadRouting, ReadYourWrites, SessionStateAction,
+};
 use rand::RngCore;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -39,8 +41,12 @@ use crate::prepared::ClientStatements;
 use crate::protocol::frame::{complete_frame_len, split_frame, split_startup_packet, Frame};
 use crate::protocol::messages::{self as msg, ErrorFields, Severity};
 use crate::protocol::{sqlstate, ProtocolError, CANCEL_REQUEST, GSSENC_REQUEST, SSL_REQUEST};
-use crate::relay::{answer_without_server, pump_client, scan_server, Pump, OUT_LIMIT};
+use crate::relay::{
+    answer_without_server, pump_client, scan_server, take_unsolicited, Pump, StateCheck,
+    Unsolicited, OUT_LIMIT,
+};
 use crate::routing::{self, next_unit, replayable_len, Choice, Next, ReplicaSet, Target, Unit};
+use crate::sessionstate::Feature;
 use crate::sockio::ClientStream;
 use crate::tls::TlsCell;
 use crate::Shared;
@@ -302,6 +308,10 @@ async fn serve_client(
                 skip_to_sync: false,
                 to_server: BytesMut::new(),
                 entry,
+                pin: None,
+                pinned: None,
+                warned: 0,
+                pin_counted: false,
             };
             let reason = s.serve().await;
             tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
@@ -968,6 +978,23 @@ struct Session<'a> {
     to_server: BytesMut,
     /// This client in the registry (state for listings, kill token).
     entry: &'a ClientEntry,
+    /// Session state this client made (`session_state_action = "pin"`): its server stays
+    /// with it from the end of that transaction until it disconnects.
+    pin: Option<Feature>,
+    /// The pinned server between transactions.
+    pinned: Option<PooledServer>,
+    /// Features already logged for this client (`warn`), as bits of [`Feature::ALL`].
+    warned: u16,
+    /// This client counts in its pool's `pinned` gauge.
+    pin_counted: bool,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if self.pin_counted {
+            self.pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Resolves when `timer` fires; never without one.
@@ -984,6 +1011,9 @@ struct LinkCounters {
     to_server: u64,
     from_server: u64,
     query_us: u64,
+    /// Session-state statements seen (the first one's kind, and how many).
+    state_found: Option<Feature>,
+    state_count: u64,
 }
 
 /// Why forwarding stopped without the server being released normally.
@@ -1164,6 +1194,16 @@ impl Session<'_> {
                 let idle_timeout = self.shared.config.load().client_idle_timeout;
                 let mut idle_timer =
                     (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
+                // A pinned server is read while idle too: LISTEN notifications go to the
+                // client at once, and a backend that dies is noticed.
+                let pinned_read = async {
+                    match self.pinned.as_deref_mut() {
+                        Some(Server { stream, buf, .. }) => {
+                            poll_fn(|cx| stream.poll_read_drain(buf, cx)).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
@@ -1172,6 +1212,11 @@ impl Session<'_> {
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
                         return DisconnectReason::ClientIdleTimeout;
+                    }
+                    r = pinned_read => {
+                        if let Some(reason) = self.pinned_spoke(r).await {
+                            return reason;
+                        }
                     }
                     r = self.client.read_more() => match r {
                         Ok(0) | Err(_) => return DisconnectReason::ClientClosed,
@@ -1198,17 +1243,21 @@ impl Session<'_> {
                 }
             }
 
-            // --- a server for this transaction
-            self.entry.waiting();
-            let checkout = tokio::select! {
-                biased;
-                // A client still waiting for a server when the drain starts has not begun
-                // its transaction: it is told, like an idle one, and nothing runs (a fresh
-                // client gets FIRST_TRANSACTION_GRACE first, as when idle).
-                _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
-                _ = self.entry.killed() => return self.killed().await,
-                _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
-                r = self.checkout() => r,
+            // --- a server for this transaction: the pinned one, or one from a pool
+            let was_pinned = self.pin.is_some();
+            let checkout = if let Some(server) = self.pinned.take() {
+                // Read while idle (see above): a dead one shows when the unit is sent.
+                let primary = Choice {
+                    target: Target::Primary,
+                    writes: true,
+                };
+                Ok((server, primary, None))
+            } else {
+                self.entry.waiting();
+                match self.checkout_now(fresh).await {
+                    Ok(r) => r,
+                    Err(reason) => return reason,
+                }
             };
             let (server, choice, replay) = match checkout {
                 Ok(s) => {
@@ -1228,6 +1277,11 @@ impl Session<'_> {
             match self.link(server, choice, replay).await {
                 LinkEnd::Released => retries = 0,
                 LinkEnd::Ended(reason) => return reason,
+                LinkEnd::Retry(_) if was_pinned => {
+                    // Not on another server: the session state is on the lost one.
+                    self.client.server_lost().await;
+                    return DisconnectReason::ServerClosed;
+                }
                 LinkEnd::Retry(unit) => {
                     retries += 1;
                     if retries > MAX_UNIT_RETRIES {
@@ -1242,6 +1296,63 @@ impl Session<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// The pinned server sent something (or closed) while the client was idle: forwards
+    /// notifications and notices; ends the session when the server is gone, since the
+    /// client's session state went with it.
+    async fn pinned_spoke(&mut self, r: std::io::Result<usize>) -> Option<DisconnectReason> {
+        let server = self.pinned.as_deref_mut()?;
+        let lost = match r {
+            Ok(0) | Err(_) => None,
+            Ok(_) => match take_unsolicited(server, &mut self.client.wbuf, &mut self.params) {
+                Ok(Unsolicited::Forwarded) => return None,
+                Ok(Unsolicited::Error(body)) => Some(body),
+                Err(e) => {
+                    tracing::warn!(error = %e, "protocol error from a pinned server");
+                    None
+                }
+            },
+        };
+        if let Some(mut s) = self.pinned.take() {
+            s.dirty = true;
+            s.peer_closed = true;
+        }
+        tracing::info!(db = %self.pool.database, user = %self.pool.user, client = self.entry.id, "pinned server connection lost between transactions; the client is disconnected");
+        match lost.as_deref().map(ErrorFields::parse) {
+            Some(Ok(f)) => {
+                msg::error_response_from_fields(&mut self.client.wbuf, &f, Severity::Fatal);
+                let _ = self.client.flush().await;
+            }
+            _ => {
+                let text = format!(
+                    "pgmux: the server connection this session was pinned to (for {}) was closed; its session state is lost",
+                    self.pin.map_or("session state", Feature::describe)
+                );
+                self.client
+                    .fail(Severity::Fatal, sqlstate::CONNECTION_FAILURE, &text)
+                    .await;
+            }
+        }
+        Some(DisconnectReason::ServerClosed)
+    }
+
+    /// A pool checkout; `Err` when the session ends instead (the drain, KILL, a removed
+    /// database: the client has been told).
+    async fn checkout_now(
+        &mut self,
+        fresh: bool,
+    ) -> Result<Result<(PooledServer, Choice, Option<Resend>), PoolError>, DisconnectReason> {
+        tokio::select! {
+            biased;
+            // A client still waiting for a server when the drain starts has not begun
+            // its transaction: it is told, like an idle one, and nothing runs (a fresh
+            // client gets FIRST_TRANSACTION_GRACE first, as when idle).
+            _ = drain_reached(&self.shared.shutdown, fresh) => Err(self.client.shutting_down().await),
+            _ = self.entry.killed() => Err(self.killed().await),
+            _ = self.entry.removed() => Err(self.client.database_removed(&self.pool.database).await),
+            r = self.checkout() => Ok(r),
         }
     }
 
@@ -1385,7 +1496,24 @@ impl Session<'_> {
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
             pool.histograms.transaction.record(took.as_secs_f64());
         }
-        drop(server);
+        if self.pin.is_some() && replica.is_none() && matches!(end, LinkEnd::Released) {
+            // Kept for this client's next transactions; closed when it disconnects.
+            if let Some(e) = &server_entry {
+                e.link(self.entry.id);
+            }
+            if !server.session_state {
+                // First pinned here (a unit retried after its server died is seen again
+                // on the new one, but not looked for once pinned).
+                server.session_state = true;
+            }
+            if !self.pin_counted {
+                self.pin_counted = true;
+                self.pool.stats.pinned.fetch_add(1, Ordering::Relaxed);
+            }
+            self.pinned = Some(server);
+        } else {
+            drop(server);
+        }
         if let LinkEnd::Retry(_) = end {
             pool.stats.retried.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(db = %pool.database, user = %pool.user, "server died before answering; the unit runs again on another server");
@@ -1460,7 +1588,52 @@ impl Session<'_> {
                 *errors.entry(class).or_insert(0) += 1;
             }
         }
+        if let Some(f) = counters.state_found {
+            self.session_state_seen(pool, f, counters.state_count, one_unit);
+        }
         end
+    }
+
+    /// Counts and logs session-state statements seen during a link, and asks for the
+    /// server to be pinned (`session_state_action = "pin"`, on the primary).
+    fn session_state_seen(&mut self, pool: &Pool, f: Feature, count: u64, replica: bool) {
+        let action = self.shared.config.load().session_state_action;
+        let stats = &pool.stats;
+        let app = self.params.get("application_name").unwrap_or("");
+        stats.count_session_state(app, f, count);
+        let counter = match action {
+            SessionStateAction::Pin => &stats.session_pins,
+            SessionStateAction::Warn => &stats.session_state_warned,
+            SessionStateAction::Reject => &stats.session_state_rejected,
+        };
+        if action != SessionStateAction::Pin {
+            counter.fetch_add(count, Ordering::Relaxed);
+        }
+        let bit = 1u16 << Feature::ALL.iter().position(|x| *x == f).unwrap_or(0);
+        let first = self.warned & bit == 0;
+        self.warned |= bit;
+        let (db, user, client) = (&pool.database, &pool.user, self.entry.id);
+        match action {
+            SessionStateAction::Pin if replica => {
+                // Only reads reach a replica (here: inside BEGIN READ ONLY). That server is
+                // closed at release; the client's later transactions do not see the state.
+                tracing::warn!(%db, %user, client, application_name = app, feature = f.as_str(), "session state made on a replica inside a read-only transaction: the replica connection is closed after it, the state is not kept");
+            }
+            SessionStateAction::Pin => {
+                if self.pin.is_none() {
+                    self.pin = Some(f);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%db, %user, client, application_name = app, feature = f.as_str(), "client made session state: its server connection stays with it until it disconnects (session_state_action = pin)");
+                }
+            }
+            SessionStateAction::Warn if first => {
+                tracing::warn!(%db, %user, client, application_name = app, feature = f.as_str(), "client made session state that stays on the pooled server connection and may reach other clients (session_state_action = warn)");
+            }
+            SessionStateAction::Reject if first => {
+                tracing::info!(%db, %user, client, application_name = app, feature = f.as_str(), "statement refused: it would make session state (session_state_action = reject)");
+            }
+            SessionStateAction::Warn | SessionStateAction::Reject => {}
+        }
     }
 
     async fn forward_counted(
@@ -1476,10 +1649,16 @@ impl Session<'_> {
         // KILL ends the client in the middle of a transaction too.
         let entry = self.entry;
         let shutdown = &self.shared.shutdown;
-        let (idle_tx_timeout, query_timeout) = {
+        let (idle_tx_timeout, query_timeout, state_action) = {
             let cfg = self.shared.config.load();
-            (cfg.idle_transaction_timeout, cfg.query_timeout)
+            (
+                cfg.idle_transaction_timeout,
+                cfg.query_timeout,
+                cfg.session_state_action,
+            )
         };
+        // A pinned server is the client's already: nothing more to look for.
+        let state_action = (self.pin.is_none()).then_some(state_action);
         // Armed while a request is unanswered (only when configured): at the deadline the
         // query is cancelled; if the server has not answered QUERY_CANCEL_GRACE later, it
         // is given up.
@@ -1507,7 +1686,8 @@ impl Session<'_> {
         let mut unit_done = false;
         let reply_start = client.wbuf.len();
         loop {
-            if to_server.is_empty()
+            if counters.to_server > 0
+                && to_server.is_empty()
                 && server.expect.is_empty()
                 && !server.unsynced
                 && server.pending_body == 0
@@ -1549,9 +1729,18 @@ impl Session<'_> {
                     skip_to_sync,
                     one_unit,
                     unit_ended: false,
+                    state: StateCheck::new(state_action),
                 };
                 let pumped = pump_client(&mut client.rbuf, &mut pump, max);
                 unit_done = pump.unit_ended;
+                if let Some(f) = pump.state.found {
+                    counters.state_found.get_or_insert(f);
+                    counters.state_count += u64::from(pump.state.count);
+                    if state_action == Some(SessionStateAction::Pin) {
+                        // Marked now: however the link ends, the server is not reused.
+                        server.session_state = true;
+                    }
+                }
                 match pumped {
                     Ok(false) => {}
                     Ok(true) => client_done = true, // Terminate: finish up, then end

@@ -54,6 +54,29 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, messag
     });
 }
 
+/// ErrorResponse with a hint (`H`) after the message.
+pub fn error_response_with_hint(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    hint: &str,
+) {
+    put_msg(buf, b'E', |b| {
+        for (k, v) in [
+            (b'S', severity.as_str()),
+            (b'V', severity.as_str()),
+            (b'C', code),
+            (b'M', message),
+            (b'H', hint),
+        ] {
+            b.put_u8(k);
+            put_cstr(b, v);
+        }
+        b.put_u8(0);
+    });
+}
+
 /// Re-encodes an ErrorResponse received from a server, with the severity changed (used to
 /// turn a server's login failure into the client's FATAL).
 pub fn error_response_from_fields(buf: &mut BytesMut, fields: &ErrorFields, severity: Severity) {

@@ -1,0 +1,725 @@
+//! Session state that cannot follow a client from one server connection to the next.
+//!
+//! In transaction mode a client's next transaction may run on another server. Settings
+//! PostgreSQL reports (ParameterStatus) follow the client: see [`crate::params`]. Other
+//! session state stays behind on the server it was made on, where the next client of that
+//! server would find it: `SET` of a parameter pgmux does not track (work_mem,
+//! search_path, role, …, also `set_config(…, false)`), `LISTEN`, session-level advisory
+//! locks, `WITH HOLD` cursors, temporary tables, SQL-level `PREPARE`, `LOAD`.
+//!
+//! [`detect`] finds such statements in a simple-query text or a Parse text. What the
+//! session does with the answer is `session_state_action`: pin the server to the client,
+//! warn, or reject (see `session` and `relay`).
+//!
+//! Detection reads tokens, not a parse tree: a small lexer that knows PostgreSQL's
+//! comments, string literals (`'…'`, `E'…'`), quoted identifiers and dollar quoting
+//! finds each top-level statement's command word and the function calls in it. It costs
+//! one pass over the text, with no allocation, so it runs on every query. It errs toward
+//! finding state (a pin is safe, a miss leaks): `SET x TO DEFAULT` counts, and a
+//! `set_config` whose third argument is not the literal `true` counts. What it cannot
+//! see: state changed inside a function or a `DO` block, or by a `CALL`.
+
+/// A kind of session state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// `SET` (not `SET LOCAL`) of a parameter pgmux does not track; `SET ROLE`,
+    /// `SET SESSION AUTHORIZATION`, `SET SESSION CHARACTERISTICS`.
+    Set,
+    /// `set_config(name, value, is_local)` with is_local not `true`, of a parameter pgmux
+    /// does not track.
+    SetConfig,
+    /// `LISTEN channel`.
+    Listen,
+    /// `pg_advisory_lock`, `pg_try_advisory_lock` and their `_shared` forms (the
+    /// transaction-level `_xact_` ones end with the transaction and are fine).
+    AdvisoryLock,
+    /// `DECLARE … CURSOR WITH HOLD`.
+    HoldCursor,
+    /// `CREATE TEMP TABLE` (or sequence, view) without `ON COMMIT DROP`, `SELECT … INTO
+    /// TEMP`, anything created in `pg_temp`.
+    TempTable,
+    /// SQL-level `PREPARE name AS …` (protocol-level named statements are handled by
+    /// pgmux and need nothing).
+    Prepare,
+    /// `LOAD 'library'`.
+    Load,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 8] = [
+        Feature::Set,
+        Feature::SetConfig,
+        Feature::Listen,
+        Feature::AdvisoryLock,
+        Feature::HoldCursor,
+        Feature::TempTable,
+        Feature::Prepare,
+        Feature::Load,
+    ];
+
+    /// Stable name for logs, metric labels and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Set => "set",
+            Feature::SetConfig => "set_config",
+            Feature::Listen => "listen",
+            Feature::AdvisoryLock => "advisory_lock",
+            Feature::HoldCursor => "cursor_with_hold",
+            Feature::TempTable => "temp_table",
+            Feature::Prepare => "prepare",
+            Feature::Load => "load",
+        }
+    }
+
+    /// For error messages: what the statement does.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Feature::Set => "SET of a session parameter pgmux does not track",
+            Feature::SetConfig => "set_config() of a session parameter pgmux does not track",
+            Feature::Listen => "LISTEN",
+            Feature::AdvisoryLock => "a session-level advisory lock",
+            Feature::HoldCursor => "a cursor WITH HOLD",
+            Feature::TempTable => "a temporary table",
+            Feature::Prepare => "SQL-level PREPARE",
+            Feature::Load => "LOAD",
+        }
+    }
+
+    /// For error messages: what to do instead.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Feature::Set => {
+                "Use SET LOCAL inside a transaction, or pass the setting in the connection's options."
+            }
+            Feature::SetConfig => "Call set_config(name, value, true) inside a transaction.",
+            Feature::Listen => "Connect to PostgreSQL directly for LISTEN.",
+            Feature::AdvisoryLock => "Use pg_advisory_xact_lock inside a transaction.",
+            Feature::HoldCursor => "Use a cursor WITHOUT HOLD inside a transaction.",
+            Feature::TempTable => "Create it with ON COMMIT DROP inside a transaction.",
+            Feature::Prepare => "Use protocol-level prepared statements (pgmux keeps them per client).",
+            Feature::Load => "Load the library with session_preload_libraries instead.",
+        }
+    }
+}
+
+/// The first session-state change in `sql` (one simple-query text or one Parse text, any
+/// number of statements), if any.
+pub fn detect(sql: &[u8]) -> Option<Feature> {
+    let mut lx = Lexer { b: sql, i: 0 };
+    loop {
+        // A statement's first token.
+        let first = loop {
+            match lx.next()? {
+                Tok::Punct(b';') => continue,
+                t => break t,
+            }
+        };
+        let Tok::Word(w) = first else {
+            // `(SELECT …)`, `VALUES`-less oddities: look for calls only.
+            if let Some(f) = calls(&mut lx, first, false) {
+                return Some(f);
+            }
+            continue;
+        };
+        let found = if eq(w, "set") {
+            set_statement(&mut lx)
+        } else if eq(w, "listen") {
+            Some(Feature::Listen)
+        } else if eq(w, "prepare") {
+            Some(Feature::Prepare)
+        } else if eq(w, "load") {
+            Some(Feature::Load)
+        } else if eq(w, "declare") {
+            declare(&mut lx)
+        } else if eq(w, "create") {
+            create(&mut lx)
+        } else {
+            calls(&mut lx, first, eq(w, "select"))
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+}
+
+/// ASCII case-insensitive comparison of a bare word with a lowercase keyword.
+fn eq(word: &[u8], kw: &str) -> bool {
+    word.eq_ignore_ascii_case(kw.as_bytes())
+}
+
+fn is_word(t: Tok<'_>, kw: &str) -> bool {
+    matches!(t, Tok::Word(w) if eq(w, kw))
+}
+
+/// Reported parameters whose changes pgmux tracks per client (PostgreSQL tells it the new
+/// value): a `SET` of one is fine.
+fn tracked(name: &[u8]) -> bool {
+    crate::params::TRACKED
+        .iter()
+        .any(|t| name.eq_ignore_ascii_case(t.as_bytes()))
+}
+
+/// After `SET`: the rest of the statement.
+fn set_statement(lx: &mut Lexer<'_>) -> Option<Feature> {
+    let mut t = lx.next();
+    if t.is_some_and(|t| is_word(t, "session")) {
+        t = lx.next();
+        if t.is_some_and(|t| is_word(t, "characteristics") || is_word(t, "authorization")) {
+            return Some(Feature::Set);
+        }
+    }
+    let found = match t {
+        None | Some(Tok::Punct(b';')) => return None,
+        // Transaction-scoped forms.
+        Some(t)
+            if is_word(t, "local") || is_word(t, "transaction") || is_word(t, "constraints") =>
+        {
+            None
+        }
+        // SET TIME ZONE (TimeZone), SET NAMES (client_encoding): tracked.
+        Some(t) if is_word(t, "time") || is_word(t, "names") => None,
+        Some(Tok::Word(name)) | Some(Tok::Ident(name)) => {
+            // A dotted custom name (`app.tenant`) is never tracked.
+            let dotted = lx.peek() == Some(Tok::Punct(b'.'));
+            (dotted || !tracked(name)).then_some(Feature::Set)
+        }
+        Some(_) => Some(Feature::Set),
+    };
+    skip_statement(lx);
+    found
+}
+
+/// After `DECLARE`: `WITH HOLD` before `FOR`, then the query's calls.
+fn declare(lx: &mut Lexer<'_>) -> Option<Feature> {
+    let mut prev_with = false;
+    while let Some(t) = lx.next() {
+        match t {
+            Tok::Punct(b';') => return None,
+            t if prev_with && is_word(t, "hold") => return Some(Feature::HoldCursor),
+            t if is_word(t, "for") => {
+                let next = lx.next()?;
+                return calls(lx, next, false);
+            }
+            _ => {}
+        }
+        prev_with = is_word(t, "with");
+    }
+    None
+}
+
+/// After `CREATE`: a temporary relation that outlives the transaction.
+fn create(lx: &mut Lexer<'_>) -> Option<Feature> {
+    let mut temp = false;
+    // CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} …
+    let mut t = lx.next()?;
+    loop {
+        if is_word(t, "or") || is_word(t, "replace") || is_word(t, "global") || is_word(t, "local")
+        {
+            t = lx.next()?;
+            continue;
+        }
+        if is_word(t, "temp") || is_word(t, "temporary") {
+            temp = true;
+        }
+        break;
+    }
+    // Anything created in pg_temp is temporary too (`CREATE TABLE pg_temp.t …`).
+    let mut on_commit_drop = false;
+    let mut window: [Option<Tok<'_>>; 2] = [None, None];
+    let mut advisory = None;
+    while let Some(t) = lx.next() {
+        match t {
+            Tok::Punct(b';') => break,
+            Tok::Punct(b'.') if matches!(window[1], Some(Tok::Word(w)) | Some(Tok::Ident(w)) if eq(w, "pg_temp")) =>
+            {
+                temp = true;
+            }
+            Tok::Punct(b'(') => {
+                if let Some(f) = call(lx, window[1]) {
+                    advisory.get_or_insert(f);
+                }
+            }
+            t if is_word(t, "drop")
+                && window[0].is_some_and(|w| is_word(w, "on"))
+                && window[1].is_some_and(|w| is_word(w, "commit")) =>
+            {
+                on_commit_drop = true;
+            }
+            _ => {}
+        }
+        window = [window[1], Some(t)];
+    }
+    if temp && !on_commit_drop {
+        return Some(Feature::TempTable);
+    }
+    advisory
+}
+
+/// Scans one statement (from its first token `first`) for calls that make session state,
+/// and, in a SELECT, for `INTO TEMP`.
+fn calls(lx: &mut Lexer<'_>, first: Tok<'_>, select: bool) -> Option<Feature> {
+    let mut prev: Option<Tok<'_>> = None;
+    let mut t = first;
+    loop {
+        match t {
+            Tok::Punct(b';') => return None,
+            Tok::Punct(b'(') => {
+                if let Some(f) = call(lx, prev) {
+                    return Some(f);
+                }
+            }
+            t if select
+                && (is_word(t, "temp") || is_word(t, "temporary"))
+                && prev.is_some_and(|p| is_word(p, "into")) =>
+            {
+                return Some(Feature::TempTable)
+            }
+            _ => {}
+        }
+        prev = Some(t);
+        t = lx.next()?;
+    }
+}
+
+/// At the `(` after `name`: whether that call makes session state. Consumes the
+/// arguments only for `set_config`.
+fn call(lx: &mut Lexer<'_>, name: Option<Tok<'_>>) -> Option<Feature> {
+    let name = match name? {
+        Tok::Word(w) => w,
+        Tok::Ident(w) => w,
+        _ => return None,
+    };
+    const SESSION_LOCKS: [&str; 4] = [
+        "pg_advisory_lock",
+        "pg_advisory_lock_shared",
+        "pg_try_advisory_lock",
+        "pg_try_advisory_lock_shared",
+    ];
+    if SESSION_LOCKS.iter().any(|f| eq(name, f)) {
+        return Some(Feature::AdvisoryLock);
+    }
+    if eq(name, "set_config") {
+        return set_config(lx);
+    }
+    None
+}
+
+/// The arguments of `set_config(` up to its `)`: state unless the parameter is tracked or
+/// the third argument is literally true.
+fn set_config(lx: &mut Lexer<'_>) -> Option<Feature> {
+    let mut depth = 1usize;
+    let mut arg = 0usize;
+    // The first argument when it is one string literal, the third when it is one token.
+    let mut first: Option<Tok<'_>> = None;
+    let mut first_len = 0usize;
+    let mut third: Option<Tok<'_>> = None;
+    let mut third_len = 0usize;
+    while depth > 0 {
+        let t = lx.next()?;
+        match t {
+            Tok::Punct(b'(') => depth += 1,
+            Tok::Punct(b')') => {
+                depth -= 1;
+                continue;
+            }
+            Tok::Punct(b',') if depth == 1 => {
+                arg += 1;
+                continue;
+            }
+            Tok::Punct(b';') => return Some(Feature::SetConfig),
+            _ => {}
+        }
+        match arg {
+            0 => {
+                first = Some(t);
+                first_len += 1;
+            }
+            2 => {
+                third = Some(t);
+                third_len += 1;
+            }
+            _ => {}
+        }
+    }
+    if first_len == 1 {
+        if let Some(Tok::Str(name)) = first {
+            if tracked(name) {
+                return None;
+            }
+        }
+    }
+    let local = third_len == 1
+        && match third {
+            Some(Tok::Word(w)) => eq(w, "true"),
+            Some(Tok::Str(s)) => ["t", "true", "on", "1", "yes", "y"]
+                .iter()
+                .any(|v| s.eq_ignore_ascii_case(v.as_bytes())),
+            _ => false,
+        };
+    (!local).then_some(Feature::SetConfig)
+}
+
+fn skip_statement(lx: &mut Lexer<'_>) {
+    while let Some(t) = lx.next() {
+        if t == Tok::Punct(b';') {
+            return;
+        }
+    }
+}
+
+/// A token, borrowing from the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok<'a> {
+    /// A bare word (keyword or identifier), as written.
+    Word(&'a [u8]),
+    /// A quoted identifier's content (doubled quotes left doubled).
+    Ident(&'a [u8]),
+    /// A string literal's content (`'…'`, `E'…'`, `$$…$$`), escapes left as written.
+    Str(&'a [u8]),
+    /// `(`, `)`, `,`, `;`, `.`.
+    Punct(u8),
+    /// Anything else (numbers, operators, parameters).
+    Other,
+}
+
+struct Lexer<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+fn word_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+impl<'a> Lexer<'a> {
+    fn peek(&self) -> Option<Tok<'a>> {
+        let mut copy = Lexer {
+            b: self.b,
+            i: self.i,
+        };
+        copy.next()
+    }
+
+    fn next(&mut self) -> Option<Tok<'a>> {
+        let b = self.b;
+        loop {
+            let c = *b.get(self.i)?;
+            match c {
+                b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.i += 1,
+                b'-' if b.get(self.i + 1) == Some(&b'-') => {
+                    while self.i < b.len() && b[self.i] != b'\n' {
+                        self.i += 1;
+                    }
+                }
+                b'/' if b.get(self.i + 1) == Some(&b'*') => {
+                    // Nested, as PostgreSQL's lexer has them.
+                    let mut depth = 0usize;
+                    while self.i < b.len() {
+                        if b[self.i..].starts_with(b"/*") {
+                            depth += 1;
+                            self.i += 2;
+                        } else if b[self.i..].starts_with(b"*/") {
+                            depth -= 1;
+                            self.i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        } else {
+                            self.i += 1;
+                        }
+                    }
+                }
+                b'\'' => return Some(Tok::Str(self.quoted(b'\'', false))),
+                b'"' => return Some(Tok::Ident(self.quoted(b'"', false))),
+                b'$' => return Some(self.dollar()),
+                b'(' | b')' | b',' | b';' | b'.' => {
+                    self.i += 1;
+                    return Some(Tok::Punct(c));
+                }
+                c if word_start(c) => {
+                    let start = self.i;
+                    while self.i < b.len() && word_byte(b[self.i]) {
+                        self.i += 1;
+                    }
+                    let w = &b[start..self.i];
+                    // E'…' (and U&'…', B'…', X'…': their contents never matter here).
+                    if self.i < b.len() && b[self.i] == b'\'' && w.len() == 1 {
+                        let escapes = w.eq_ignore_ascii_case(b"e");
+                        return Some(Tok::Str(self.quoted(b'\'', escapes)));
+                    }
+                    return Some(Tok::Word(w));
+                }
+                _ => {
+                    self.i += 1;
+                    // Numbers and operators: one token per run of such bytes.
+                    while self.i < b.len()
+                        && !matches!(
+                            b[self.i],
+                            b' ' | b'\t'
+                                | b'\n'
+                                | b'\r'
+                                | b'\x0c'
+                                | b'\''
+                                | b'"'
+                                | b'$'
+                                | b'('
+                                | b')'
+                                | b','
+                                | b';'
+                                | b'.'
+                        )
+                        && !word_start(b[self.i])
+                        && !b[self.i..].starts_with(b"--")
+                        && !b[self.i..].starts_with(b"/*")
+                    {
+                        self.i += 1;
+                    }
+                    return Some(Tok::Other);
+                }
+            }
+        }
+    }
+
+    /// From an opening quote at `self.i` to past the closing one (a doubled quote is part
+    /// of the content; with `escapes`, so is a backslash and the byte after it). An
+    /// unterminated literal runs to the end.
+    fn quoted(&mut self, q: u8, escapes: bool) -> &'a [u8] {
+        let b = self.b;
+        self.i += 1;
+        let start = self.i;
+        while self.i < b.len() {
+            let c = b[self.i];
+            if escapes && c == b'\\' {
+                self.i += 2;
+            } else if c == q {
+                if b.get(self.i + 1) == Some(&q) {
+                    self.i += 2;
+                } else {
+                    let s = &b[start..self.i];
+                    self.i += 1;
+                    return s;
+                }
+            } else {
+                self.i += 1;
+            }
+        }
+        self.i = b.len();
+        &b[start.min(b.len())..]
+    }
+
+    /// At `$`: a dollar-quoted string (`$$…$$`, `$tag$…$tag$`) or a parameter (`$1`).
+    fn dollar(&mut self) -> Tok<'a> {
+        let b = self.b;
+        let start = self.i;
+        let mut j = start + 1;
+        if b.get(j).is_some_and(|c| c.is_ascii_digit()) {
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            self.i = j;
+            return Tok::Other;
+        }
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
+            j += 1;
+        }
+        if b.get(j) != Some(&b'$') {
+            self.i = j.max(start + 1);
+            return Tok::Other;
+        }
+        let tag = &b[start..=j];
+        let body = j + 1;
+        match find(&b[body..], tag) {
+            Some(k) => {
+                self.i = body + k + tag.len();
+                Tok::Str(&b[body..body + k])
+            }
+            None => {
+                self.i = b.len();
+                Tok::Str(&b[body.min(b.len())..])
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(sql: &str) -> Option<Feature> {
+        detect(sql.as_bytes())
+    }
+
+    #[test]
+    fn set_of_untracked_parameters() {
+        use Feature::Set;
+        assert_eq!(d("SET work_mem = '64MB'"), Some(Set));
+        assert_eq!(d("set search_path to tenant_a, public"), Some(Set));
+        assert_eq!(d("SET SESSION statement_timeout = 5"), Some(Set));
+        assert_eq!(d("SET ROLE reporting"), Some(Set));
+        assert_eq!(d("SET SESSION AUTHORIZATION bob"), Some(Set));
+        assert_eq!(
+            d("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Some(Set)
+        );
+        assert_eq!(d("SET SCHEMA 'x'"), Some(Set));
+        assert_eq!(d("SET app.tenant = '7'"), Some(Set));
+        // A custom name that looks like a tracked one is not it.
+        assert_eq!(d("SET app.TimeZone = 'x'"), Some(Set));
+        assert_eq!(d("SET \"work_mem\" = '1MB'"), Some(Set));
+        assert_eq!(d("/* tag */ -- x\n  SeT  work_mem=1"), Some(Set));
+        assert_eq!(d("BEGIN; SET work_mem = 1; COMMIT"), Some(Set));
+        assert_eq!(d("select 1; set search_path = x"), Some(Set));
+    }
+
+    #[test]
+    fn transaction_scoped_and_tracked_settings_are_fine() {
+        assert_eq!(d("SET LOCAL work_mem = '64MB'"), None);
+        assert_eq!(d("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), None);
+        assert_eq!(d("SET CONSTRAINTS ALL DEFERRED"), None);
+        assert_eq!(d("SET TimeZone = 'UTC'"), None);
+        assert_eq!(d("set timezone to 'Europe/Paris'"), None);
+        assert_eq!(d("SET TIME ZONE 'UTC'"), None);
+        assert_eq!(d("SET application_name = 'x'"), None);
+        assert_eq!(d("SET NAMES 'UTF8'"), None);
+        assert_eq!(d("SET DateStyle TO ISO, MDY"), None);
+        assert_eq!(d("SET SESSION default_transaction_read_only = on"), None);
+        assert_eq!(d("RESET work_mem"), None);
+        assert_eq!(d("RESET ALL"), None);
+        assert_eq!(d("UPDATE t SET x = 1 WHERE id = 2"), None);
+        assert_eq!(
+            d("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET x = 2"),
+            None
+        );
+        assert_eq!(d("SELECT 'SET work_mem = 1'"), None);
+        assert_eq!(d("SELECT $$; SET work_mem = 1$$"), None);
+        assert_eq!(d("SELECT $a$ ; LISTEN x $a$, 1"), None);
+        assert_eq!(d("-- SET work_mem = 1\nSELECT 1"), None);
+        assert_eq!(d("/* /* nested */ SET work_mem = 1 */ SELECT 1"), None);
+        assert_eq!(d("SELECT E'\\'; SET work_mem = 1'"), None);
+        assert_eq!(d("SELECT \"a;\"\"b\" FROM t"), None);
+        assert_eq!(d(""), None);
+        assert_eq!(d(";;"), None);
+    }
+
+    #[test]
+    fn other_session_state() {
+        assert_eq!(d("LISTEN jobs"), Some(Feature::Listen));
+        assert_eq!(d("UNLISTEN *"), None);
+        assert_eq!(d("NOTIFY jobs, 'x'"), None);
+        assert_eq!(d("PREPARE q(int) AS SELECT $1"), Some(Feature::Prepare));
+        assert_eq!(d("EXECUTE q(1)"), None);
+        assert_eq!(d("DEALLOCATE q"), None);
+        assert_eq!(d("LOAD 'auto_explain'"), Some(Feature::Load));
+        assert_eq!(d("SELECT pg_advisory_lock(1)"), Some(Feature::AdvisoryLock));
+        assert_eq!(
+            d("select pg_catalog.PG_TRY_ADVISORY_LOCK_SHARED(1, 2)"),
+            Some(Feature::AdvisoryLock)
+        );
+        assert_eq!(
+            d("SELECT x FROM t WHERE pg_try_advisory_lock(id)"),
+            Some(Feature::AdvisoryLock)
+        );
+        assert_eq!(d("SELECT pg_advisory_xact_lock(1)"), None);
+        assert_eq!(d("SELECT pg_advisory_unlock(1)"), None);
+        assert_eq!(d("SELECT 'pg_advisory_lock(1)'"), None);
+        assert_eq!(
+            d("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Some(Feature::HoldCursor)
+        );
+        assert_eq!(
+            d("declare c binary no scroll cursor with hold for select * from t"),
+            Some(Feature::HoldCursor)
+        );
+        assert_eq!(d("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1"), None);
+        assert_eq!(d("DECLARE c CURSOR FOR SELECT 1"), None);
+        assert_eq!(
+            d("DECLARE c CURSOR FOR SELECT pg_advisory_lock(1)"),
+            Some(Feature::AdvisoryLock)
+        );
+        assert_eq!(d("CREATE TEMP TABLE t (x int)"), Some(Feature::TempTable));
+        assert_eq!(
+            d("create global temporary table t as select 1"),
+            Some(Feature::TempTable)
+        );
+        assert_eq!(
+            d("CREATE OR REPLACE TEMP VIEW v AS SELECT 1"),
+            Some(Feature::TempTable)
+        );
+        assert_eq!(
+            d("CREATE TABLE pg_temp.t (x int)"),
+            Some(Feature::TempTable)
+        );
+        assert_eq!(d("CREATE TEMP TABLE t (x int) ON COMMIT DROP"), None);
+        assert_eq!(d("CREATE TABLE t (x int)"), None);
+        assert_eq!(d("CREATE INDEX temp ON t (x)"), None);
+        assert_eq!(d("SELECT * INTO TEMP t FROM u"), Some(Feature::TempTable));
+        assert_eq!(d("INSERT INTO temp VALUES (1)"), None);
+        assert_eq!(
+            d("CREATE FUNCTION f() RETURNS void AS $$ SELECT pg_advisory_lock(1) $$ LANGUAGE sql"),
+            None
+        );
+    }
+
+    #[test]
+    fn set_config_needs_a_literal_true() {
+        assert_eq!(d("SELECT set_config('app.tenant', '7', true)"), None);
+        assert_eq!(d("SELECT set_config('app.tenant', $1, 'on')"), None);
+        assert_eq!(
+            d("SELECT set_config('app.tenant', '7', false)"),
+            Some(Feature::SetConfig)
+        );
+        assert_eq!(
+            d("SELECT set_config('app.tenant', f(1, 2), $3)"),
+            Some(Feature::SetConfig)
+        );
+        assert_eq!(
+            d("SELECT set_config('search_path', 'x', false)"),
+            Some(Feature::SetConfig)
+        );
+        assert_eq!(d("SELECT set_config('TimeZone', 'UTC', false)"), None);
+        assert_eq!(
+            d("SELECT set_config('a', 'b'"),
+            None,
+            "unterminated: PostgreSQL refuses it"
+        );
+    }
+
+    #[test]
+    fn never_panics_on_odd_input() {
+        for s in [
+            "$",
+            "$$",
+            "$a",
+            "$1$",
+            "'",
+            "\"",
+            "E'",
+            "E'\\",
+            "/*",
+            "/* /*",
+            "--",
+            "set",
+            "set session",
+            "create",
+            "create or",
+            "declare c",
+            "declare c for",
+            "select set_config(",
+            "select pg_advisory_lock",
+            "\u{00e9}t\u{00e9} 1",
+            "$\u{00e9}$ x $\u{00e9}$",
+        ] {
+            let _ = d(s);
+        }
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        let _ = detect(&bytes);
+    }
+}
