@@ -423,8 +423,30 @@ fn bench_router(c: &mut Criterion) {
     g.finish();
 }
 
+/// Session-state detection, run on every Query and Parse text.
+fn bench_session_state(c: &mut Criterion) {
+    use pgmux_proxy::sessionstate::{detect, Feature};
+    const UPDATE_SQL: &str =
+        "UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 12345;";
+    const INSERT_SQL: &str = "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+                              VALUES (7, 1, 12345, -1234, CURRENT_TIMESTAMP);";
+    let mut g = c.benchmark_group("session_state");
+    g.throughput(Throughput::Elements(1));
+    for (name, sql, want) in [
+        ("select", PGBENCH_SQL, None),
+        ("update", UPDATE_SQL, None),
+        ("insert", INSERT_SQL, None),
+        ("set_search_path", "SET search_path = tenant_a, public", Some(Feature::Set)),
+    ] {
+        assert_eq!(detect(sql.as_bytes()), want);
+        g.bench_function(name, |b| b.iter(|| detect(black_box(sql.as_bytes()))));
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    bench_session_state,
     bench_frame,
     bench_pump_client,
     bench_scan_server,

@@ -105,6 +105,14 @@ impl Feature {
 /// The first session-state change in `sql` (one simple-query text or one Parse text, any
 /// number of statements), if any.
 pub fn detect(sql: &[u8]) -> Option<Feature> {
+    if plainly_none(sql) {
+        return None;
+    }
+    lex(sql)
+}
+
+/// [`detect`] by the lexer alone.
+fn lex(sql: &[u8]) -> Option<Feature> {
     let mut lx = Lexer { b: sql, i: 0 };
     loop {
         // A statement's first token.
@@ -140,6 +148,58 @@ pub fn detect(sql: &[u8]) -> Option<Feature> {
             return found;
         }
     }
+}
+
+/// A quick pass that proves most texts make no session state without lexing them: one
+/// statement (no `;` before trailing whitespace), starting with a word that is not a
+/// command of interest, with no `…advisory_…` or `set_config` anywhere and, in a SELECT
+/// or WITH, no `into`. Quotes and comments are not understood here, only over-matched:
+/// a `;` or a name inside a literal sends the text to the lexer, which decides.
+fn plainly_none(b: &[u8]) -> bool {
+    let mut i = 0;
+    while i < b.len() && b[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    let start = i;
+    while i < b.len() && b[i].is_ascii_alphabetic() {
+        i += 1;
+    }
+    let first = &b[start..i];
+    if first.is_empty()
+        || ["set", "listen", "prepare", "load", "declare", "create"]
+            .iter()
+            .any(|kw| eq(first, kw))
+    {
+        return false;
+    }
+    let select = eq(first, "select") || eq(first, "with");
+    let ends_with =
+        |k: usize, word: &[u8]| k >= word.len() && b[k - word.len()..k].eq_ignore_ascii_case(word);
+    for k in i..b.len() {
+        match b[k] {
+            b';' => {
+                return b[k..].iter().all(|c| c.is_ascii_whitespace() || *c == b';');
+            }
+            b'_' => {
+                if ends_with(k, b"advisory")
+                    || (ends_with(k, b"set")
+                        && b.get(k + 1..k + 7)
+                            .is_some_and(|w| w.eq_ignore_ascii_case(b"config")))
+                {
+                    return false;
+                }
+            }
+            b'i' | b'I' if select => {
+                if b.get(k..k + 4)
+                    .is_some_and(|w| w.eq_ignore_ascii_case(b"into"))
+                {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// ASCII case-insensitive comparison of a bare word with a lowercase keyword.
@@ -553,8 +613,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// `detect`, checked against the lexer alone (the quick pass must never clear a text
+    /// the lexer flags).
     fn d(sql: &str) -> Option<Feature> {
-        detect(sql.as_bytes())
+        let found = detect(sql.as_bytes());
+        assert_eq!(
+            found,
+            lex(sql.as_bytes()),
+            "quick pass disagrees on {sql:?}"
+        );
+        found
     }
 
     #[test]
@@ -690,6 +758,38 @@ mod tests {
             None,
             "unterminated: PostgreSQL refuses it"
         );
+    }
+
+    #[test]
+    fn the_quick_pass_only_clears_what_the_lexer_clears() {
+        let texts = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "UPDATE t SET x = 1",
+            "INSERT INTO t VALUES ('a;b')",
+            "select pg_advisory_lock(1)",
+            "SELECT PG_TRY_ADVISORY_LOCK(1)",
+            "select set_config('a', 'b', false)",
+            "SELECT 'x_advisory_y'",
+            "SELECT * INTO TEMP t FROM u",
+            "select 1; set work_mem = 1",
+            "select 1;  ;\n",
+            "  Listen x",
+            "(select 1)",
+            "-- c\nSET x = 1",
+            "SHOW work_mem",
+            "with a as (select 1) select * into temporary t from a",
+        ];
+        for t in texts {
+            if plainly_none(t.as_bytes()) {
+                assert_eq!(lex(t.as_bytes()), None, "{t}");
+            }
+        }
+        assert!(plainly_none(
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
+        ));
+        assert!(plainly_none(b"UPDATE t SET x = 1 WHERE id = 2"));
+        assert!(!plainly_none(b"select 1; set work_mem = 1"));
+        assert!(!plainly_none(b"SELECT PG_TRY_ADVISORY_LOCK(1)"));
     }
 
     #[test]
