@@ -180,21 +180,19 @@ fn plainly_none(b: &[u8]) -> bool {
             b';' => {
                 return b[k..].iter().all(|c| c.is_ascii_whitespace() || *c == b';');
             }
-            b'_' => {
-                if ends_with(k, b"advisory")
-                    || (ends_with(k, b"set")
-                        && b.get(k + 1..k + 7)
-                            .is_some_and(|w| w.eq_ignore_ascii_case(b"config")))
-                {
-                    return false;
-                }
+            b'_' if ends_with(k, b"advisory")
+                || (ends_with(k, b"set")
+                    && b.get(k + 1..k + 7)
+                        .is_some_and(|w| w.eq_ignore_ascii_case(b"config"))) =>
+            {
+                return false;
             }
-            b'i' | b'I' if select => {
-                if b.get(k..k + 4)
-                    .is_some_and(|w| w.eq_ignore_ascii_case(b"into"))
-                {
-                    return false;
-                }
+            b'i' | b'I'
+                if select
+                    && b.get(k..k + 4)
+                        .is_some_and(|w| w.eq_ignore_ascii_case(b"into")) =>
+            {
+                return false;
             }
             _ => {}
         }
