@@ -328,6 +328,13 @@ fn password_change_is_picked_up_despite_the_cache() {
     assert_eq!(login(&url("new-Pw-31f0")).unwrap(), "changing");
     // Servers opened from now on log in with the new keys.
     db.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'changing'");
+    // Once they are gone (a backend that dies between pgmux's liveness check and a
+    // driver's named Parse reports 57P01: a named Parse is not run again elsewhere).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while db.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'changing'") != "0" {
+        assert!(std::time::Instant::now() < deadline, "backends still there");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(login(&url("new-Pw-31f0")).unwrap(), "changing");
     assert!(login(&url("old-Pw-88a2")).is_err());
 }
