@@ -857,3 +857,172 @@ impl TestDb {
         self.pgmux_env(args, &envs)
     }
 }
+
+// ---------------------------------------------------------------------------
+// Fault tests (tests/faults.rs, tests/integrity.rs): admin API and leak checks
+// ---------------------------------------------------------------------------
+
+/// A ureq agent with a 10 s overall timeout (an admin call must not hang a test).
+pub fn admin_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// `GET <admin>/path` as JSON; panics on a transport error or a non-200 answer.
+pub fn admin_get(px: &Pgmux, path: &str) -> serde_json::Value {
+    let url = format!("{}{path}", px.admin_url());
+    let mut resp = admin_agent()
+        .get(&url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().expect("admin body");
+    assert_eq!(status, 200, "GET {url}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: {e}: {body}"))
+}
+
+/// `PATCH <admin>/path` with a JSON body; returns (status, body).
+pub fn admin_patch(px: &Pgmux, path: &str, body: &str) -> (u16, String) {
+    let url = format!("{}{path}", px.admin_url());
+    let mut resp = admin_agent()
+        .patch(&url)
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap_or_else(|e| panic!("PATCH {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// Backend pids of pgmux's open server connections to `127.0.0.1:port` (from
+/// `GET /api/v1/servers`), sorted, and how many of them are `active`.
+pub fn pgmux_server_pids(px: &Pgmux, port: u16) -> (Vec<i64>, usize) {
+    let v = admin_get(px, "/api/v1/servers");
+    let suffix = format!(":{port}");
+    let mut pids = Vec::new();
+    let mut active = 0;
+    for s in v["servers"].as_array().expect("servers array") {
+        if !s["addr"].as_str().unwrap_or("").ends_with(&suffix) {
+            continue;
+        }
+        if s["state"] == "active" {
+            active += 1;
+        }
+        pids.push(s["backend_pid"].as_i64().unwrap_or(-1));
+    }
+    pids.sort_unstable();
+    (pids, active)
+}
+
+/// Pids of `user`'s client backends on `node` that serve clients, sorted: the replica
+/// health-check connections pgmux keeps (recognised by their query) are left out.
+pub fn user_backend_pids(node: &PgNode, user: &str) -> Vec<i64> {
+    let out = node.psql(
+        "postgres",
+        &format!(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE usename = {} AND backend_type = 'client backend' \
+             AND query NOT LIKE 'SELECT pg_current_wal_insert_lsn()%' \
+             AND query NOT LIKE 'SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()%' \
+             ORDER BY pid;",
+            quote_literal(user)
+        ),
+    );
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim().parse().expect("pid"))
+        .collect()
+}
+
+/// Waits (up to `timeout`) until pgmux's servers to `127.0.0.1:pgmux_port` are exactly
+/// the backends of `user` on `node` (same pids), none of them active, and at most
+/// `max_servers`. Panics with both lists otherwise. Returns the number of servers.
+/// `pgmux_port` is the port pgmux connects to (the node's, or a relay's in front of it).
+pub fn wait_servers_are_backends(
+    px: &Pgmux,
+    node: &PgNode,
+    pgmux_port: u16,
+    user: &str,
+    max_servers: usize,
+    timeout: Duration,
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (servers, active) = pgmux_server_pids(px, pgmux_port);
+        let backends = user_backend_pids(node, user);
+        if servers == backends && active == 0 && servers.len() <= max_servers {
+            return servers.len();
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "after {timeout:?}, pgmux's servers to port {pgmux_port} are not the backends \
+                 of {user} on port {} (max {max_servers}):\n  pgmux servers (pids): {servers:?} \
+                 ({active} active)\n  pg_stat_activity: {backends:?}\n  backends in detail:\n{}",
+                node.port,
+                node.psql(
+                    "postgres",
+                    &format!(
+                        "SELECT pid, state, application_name, backend_start, left(query, 60) \
+                         FROM pg_stat_activity WHERE usename = {}",
+                        quote_literal(user)
+                    )
+                )
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Open file descriptors of the pgmux process (`/proc/PID/fd`).
+pub fn pgmux_fds(px: &Pgmux) -> i64 {
+    fs::read_dir(format!("/proc/{}/fd", px.pid()))
+        .unwrap_or_else(|e| panic!("read /proc/{}/fd: {e}", px.pid()))
+        .count() as i64
+}
+
+/// Waits (up to `timeout`) until pgmux has no client connection and its open file
+/// descriptors are `base` (counted before any client connected) plus its server
+/// connections plus `extra` (e.g. replica health-check connections), give or take 2
+/// (an admin HTTP connection being accepted or closed). Panics otherwise: a socket
+/// leaked. Returns the final count.
+pub fn wait_no_fd_leak(px: &Pgmux, base: i64, extra: i64, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let clients = admin_get(px, "/api/v1/stats")["clients"]
+            .as_i64()
+            .unwrap_or(-1);
+        let servers = admin_get(px, "/api/v1/servers")["servers"]
+            .as_array()
+            .map_or(0, |a| a.len() as i64);
+        let fds = pgmux_fds(px);
+        let expected = base + servers + extra;
+        if clients == 0 && (fds - expected).abs() <= 2 {
+            return fds;
+        }
+        if Instant::now() >= deadline {
+            let links: Vec<String> = fs::read_dir(format!("/proc/{}/fd", px.pid()))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            format!(
+                                "{} -> {}",
+                                e.file_name().to_string_lossy(),
+                                fs::read_link(e.path())
+                                    .map(|p| p.display().to_string())
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "after {timeout:?}: pgmux has {clients} clients and {fds} fds; expected no client and \
+                 {expected} fds ({base} at start + {servers} servers + {extra}):\n{}",
+                links.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
