@@ -518,3 +518,25 @@ fn sigint_is_the_fast_shutdown() {
         },
     );
 }
+
+/// A backend terminated while its client sits idle inside a transaction: the client gets
+/// PostgreSQL's FATAL and then the end of the connection, nothing after the FATAL (pgmux
+/// used to add its own "server closed the connection unexpectedly").
+#[test]
+fn a_backend_terminated_under_an_idle_transaction_gives_one_fatal() {
+    let db = TestDb::new("reap_one_fatal");
+    let px = db.pgmux(&["--pool-size", "2"]);
+    let mut c = db.raw(&px);
+    assert!(c.simple_query("BEGIN").iter().all(|(t, _)| *t != b'E'));
+    let pid = first_value(&c.simple_query("SELECT pg_backend_pid()"));
+    db.psql(&format!("SELECT pg_terminate_backend({pid})"));
+    let (tag, body) = c.read_message().expect("PostgreSQL's FATAL");
+    assert_eq!(tag, b'E');
+    let e = RawConn::error_fields(&body);
+    assert_eq!(
+        (e[&'S'].as_str(), e[&'C'].as_str()),
+        ("FATAL", "57P01"),
+        "{e:?}"
+    );
+    assert_eq!(c.read_message(), None, "nothing after the FATAL");
+}

@@ -354,6 +354,9 @@ pub struct Server {
     /// A client made session state here and had the server pinned
     /// (`session_state_action = "pin"`): closed when it comes back, never reused.
     pub session_state: bool,
+    /// A FATAL (or PANIC) ErrorResponse of this server went to a client: the connection
+    /// ends, and the client needs no second error from pgmux.
+    pub said_fatal: bool,
 }
 
 impl Server {
@@ -415,6 +418,7 @@ impl Server {
             entry: None,
             budget: None,
             session_state: false,
+            said_fatal: false,
         }
     }
 

@@ -682,6 +682,7 @@ pub fn scan_server(
             status: &mut server.status,
             readies: &mut server.readies,
             error_classes: &mut server.error_classes,
+            said_fatal: &mut server.said_fatal,
         };
         let swallow = on_message(
             parts,
@@ -766,6 +767,7 @@ struct Parts<'a> {
     status: &'a mut u8,
     readies: &'a mut u64,
     error_classes: &'a mut Vec<[u8; 2]>,
+    said_fatal: &'a mut bool,
 }
 
 /// Handles one whole server message; returns whether to hide it from the client.
@@ -824,6 +826,9 @@ fn on_message(
             if let Ok(f) = ErrorFields::parse(body) {
                 if let [a, b, ..] = f.code().as_bytes() {
                     s.error_classes.push([*a, *b]);
+                }
+                if matches!(f.severity(), "FATAL" | "PANIC") {
+                    *s.said_fatal = true;
                 }
             }
             let extended = s.expect.front().is_some_and(|e| !e.ends_at_ready());

@@ -1835,13 +1835,30 @@ impl Session<'_> {
                 Ev::ServerRead(Ok(0) | Err(_)) | Ev::ServerWrite(Err(_)) => {
                     server.dirty = true;
                     server.peer_closed = true;
-                    if let Some(unit) = replay.take().filter(|r| resend_allowed(r, query_start)) {
+                    // Sent again only when the unit cannot have taken effect: a replica's
+                    // (read-only), one never written, or one the server refused with its
+                    // goodbye (FATAL 57P0x: a terminated backend runs nothing it read). A
+                    // connection that just ends after the unit went out may have committed
+                    // it (PostgreSQL commits before it answers): the client gets the error
+                    // and the outcome is unknown to it, as on a direct connection.
+                    let unsent = counters.to_server == 0;
+                    let goodbye = early_answer(&server.buf) == Early::Death;
+                    let safe = |r: &Resend| {
+                        resend_allowed(r, query_start)
+                            && (matches!(r, Resend::Answer(_)) || unsent || goodbye)
+                    };
+                    if let Some(unit) = replay.take().filter(safe) {
                         client.wbuf.truncate(reply_start);
                         *skip_to_sync = skip_at_start;
                         return LinkEnd::Retry(unit.into_unit());
                     }
                     tracing::info!(db = %pool.database, user = %pool.user, client = entry.id, running_for = ?query_start.map(|t| t.elapsed()), "server connection lost under a client");
-                    client.server_lost().await;
+                    if server.said_fatal {
+                        // PostgreSQL's own FATAL went to the client: nothing follows it.
+                        let _ = client.flush().await;
+                    } else {
+                        client.server_lost().await;
+                    }
                     return LinkEnd::Ended(DisconnectReason::ServerClosed);
                 }
                 Ev::ServerRead(Ok(n)) => {
