@@ -454,3 +454,99 @@ fn a_pinned_backend_killed_while_idle_ends_its_client_with_a_clear_error() {
     let mut b = db.raw(&px);
     assert_eq!(value(&mut b, "SELECT 1"), "1");
 }
+
+/// What drivers SET when they connect (Rails: client_min_messages) is followed per client,
+/// like the reported parameters: no pin, so more such clients than servers all get served,
+/// and each sees its own value.
+#[test]
+fn followed_parameters_are_reapplied_per_client_and_never_pin() {
+    let db = TestDb::new("follow");
+    let px = db.pgmux(&["--pool-size", "2"]);
+    let mut probe = db.raw(&px);
+    let default_level = value(&mut probe, "SHOW client_min_messages");
+    let default_digits = value(&mut probe, "SHOW extra_float_digits");
+    drop(probe);
+    // Ten Rails-like connections on two servers, each with its own settings.
+    let mut conns: Vec<RawConn> = (0..10).map(|_| db.raw(&px)).collect();
+    let levels = ["warning", "error", "notice", "log", "debug1"];
+    for (i, c) in conns.iter_mut().enumerate() {
+        ok(
+            c,
+            &format!("SET client_min_messages TO '{}'", levels[i % 5]),
+        );
+        ok(c, &format!("SET extra_float_digits = {}", i as i32 % 3 - 1));
+    }
+    for _ in 0..3 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            assert_eq!(
+                value(c, "SHOW client_min_messages"),
+                levels[i % 5],
+                "client {i}"
+            );
+            assert_eq!(
+                value(c, "SHOW extra_float_digits"),
+                (i as i32 % 3 - 1).to_string(),
+                "client {i}"
+            );
+        }
+    }
+    // A failed SET changes nothing; a RESET goes back to the default.
+    let c = &mut conns[0];
+    let msgs = c.simple_query("SET client_min_messages = bogus");
+    assert_eq!(
+        error_of(&msgs).unwrap()[&'C'],
+        "22023",
+        "{}",
+        describe(&msgs)
+    );
+    assert_eq!(value(c, "SHOW client_min_messages"), "warning");
+    ok(c, "RESET client_min_messages");
+    for _ in 0..3 {
+        assert_eq!(
+            value(&mut conns[0], "SHOW client_min_messages"),
+            default_level
+        );
+        assert_eq!(value(&mut conns[1], "SHOW client_min_messages"), "error");
+    }
+    // A client without settings sees the defaults.
+    let mut fresh = db.raw(&px);
+    assert_eq!(value(&mut fresh, "SHOW client_min_messages"), default_level);
+    assert_eq!(value(&mut fresh, "SHOW extra_float_digits"), default_digits);
+    let p = pool(&px, &db);
+    assert_eq!(p["totals"]["session_pins"], 0, "{p}");
+    assert_eq!(p["servers"]["pinned"], 0, "{p}");
+
+    // Inside a transaction the SET could be rolled back: that is session state (pinned).
+    let mut t = db.raw(&px);
+    ok(&mut t, "BEGIN; SET client_min_messages = error; COMMIT");
+    assert_eq!(pool(&px, &db)["servers"]["pinned"], 1);
+}
+
+/// `track_extra_parameters` makes a parameter such as search_path followed too.
+#[test]
+fn track_extra_parameters_follows_search_path_when_asked() {
+    let db = TestDb::new("follow_path");
+    db.setup("CREATE SCHEMA tenant_a; CREATE TABLE tenant_a.secrets (v text); INSERT INTO tenant_a.secrets VALUES ('a-only')");
+    let px = db.pgmux_env(
+        &["--pool-size", "1"],
+        &[(
+            "PGMUX_TRACK_EXTRA_PARAMETERS",
+            "client_min_messages,search_path",
+        )],
+    );
+    let mut a = db.raw(&px);
+    let mut b = db.raw(&px);
+    let default_path = value(&mut b, "SHOW search_path");
+    ok(&mut a, "SET search_path TO tenant_a");
+    for _ in 0..5 {
+        // One server for both: pgmux sets and resets it at every switch.
+        assert_eq!(value(&mut a, "SELECT v FROM secrets"), "a-only");
+        assert_eq!(value(&mut b, "SHOW search_path"), default_path);
+        assert_eq!(value(&mut b, "SELECT to_regclass('secrets') IS NULL"), "t");
+    }
+    let p = pool(&px, &db);
+    assert_eq!(p["totals"]["session_pins"], 0, "{p}");
+    // A list is not a plain value: that one still pins.
+    ok(&mut b, "SET search_path = tenant_a, public");
+    assert_eq!(pool(&px, &db)["servers"]["pinned"], 1);
+}

@@ -165,6 +165,11 @@ pub struct Config {
     /// to server (`SET work_mem`, `LISTEN`, session advisory locks, …); default
     /// [`SessionStateAction::Pin`].
     pub session_state_action: SessionStateAction,
+    /// Parameters whose plain `SET name = value` (one statement, outside a transaction)
+    /// pgmux records per client and re-applies on every server the client gets, as it does
+    /// for reported parameters, instead of treating it as session state; lowercase.
+    /// Default [`DEFAULT_TRACK_EXTRA_PARAMETERS`].
+    pub track_extra_parameters: Vec<String>,
     /// How pgmux logs in to PostgreSQL; default [`ServerAuth::Password`]. Read when a
     /// pool is created (a reload applies it to pools created afterwards).
     pub server_auth: ServerAuth,
@@ -542,6 +547,11 @@ impl ReadYourWrites {
     }
 }
 
+/// Parameters tracked per client by default besides the reported ones: what drivers set
+/// when they connect (Ruby on Rails: `client_min_messages`; older JDBC drivers:
+/// `extra_float_digits`).
+pub const DEFAULT_TRACK_EXTRA_PARAMETERS: &[&str] = &["client_min_messages", "extra_float_digits"];
+
 /// What pgmux does when a client's statement changes session state that transaction
 /// pooling cannot carry from one server connection to the next: `SET` of a parameter
 /// pgmux does not track (work_mem, search_path, role, …), `LISTEN`, session advisory
@@ -794,6 +804,10 @@ impl Default for Config {
             read_routing: ReadRouting::Auto,
             read_your_writes: ReadYourWrites::User,
             session_state_action: SessionStateAction::Pin,
+            track_extra_parameters: DEFAULT_TRACK_EXTRA_PARAMETERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             server_auth: ServerAuth::Password,
             aws_region: None,
             client_tls: ClientTls::default(),
@@ -956,6 +970,7 @@ const ENV_SCALARS: &[(&str, &str)] = &[
     ("PGMUX_READ_ROUTING", "read_routing"),
     ("PGMUX_READ_YOUR_WRITES", "read_your_writes"),
     ("PGMUX_SESSION_STATE_ACTION", "session_state_action"),
+    ("PGMUX_TRACK_EXTRA_PARAMETERS", "track_extra_parameters"),
     ("PGMUX_SERVER_AUTH", "server_auth"),
     ("PGMUX_AWS_REGION", "aws_region"),
     ("PGMUX_MAX_REPLICA_LAG", "max_replica_lag"),

@@ -92,6 +92,7 @@ fn scalars(c: &Config) -> Vec<(&'static str, Value)> {
         ("read_routing", s(c.read_routing.as_str())),
         ("read_your_writes", s(c.read_your_writes.as_str())),
         ("session_state_action", s(c.session_state_action.as_str())),
+        ("track_extra_parameters", list(&c.track_extra_parameters)),
         ("server_auth", s(c.server_auth.as_str())),
         ("aws_region", s(c.aws_region.as_deref().unwrap_or(""))),
         ("client_tls_mode", s(c.client_tls.mode.as_str())),

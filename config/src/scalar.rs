@@ -105,6 +105,7 @@ pub(crate) struct Scalars {
     read_routing: Option<Sourced<ReadRouting>>,
     read_your_writes: Option<Sourced<ReadYourWrites>>,
     session_state_action: Option<Sourced<SessionStateAction>>,
+    track_extra_parameters: Option<Sourced<Vec<String>>>,
     server_auth: Option<Sourced<ServerAuth>>,
     aws_region: Option<Sourced<Option<String>>>,
     max_replica_lag: Option<Sourced<Duration>>,
@@ -162,6 +163,7 @@ pub(crate) const SCALAR_KEYS: &[&str] = &[
     "read_routing",
     "read_your_writes",
     "session_state_action",
+    "track_extra_parameters",
     "server_auth",
     "aws_region",
     "max_replica_lag",
@@ -257,6 +259,9 @@ impl Scalars {
             "read_routing" => self.read_routing = wrap(parse_read_routing(raw), key, &origin)?,
             "read_your_writes" => {
                 self.read_your_writes = wrap(parse_read_your_writes(raw), key, &origin)?
+            }
+            "track_extra_parameters" => {
+                self.track_extra_parameters = wrap(parse_parameter_names(raw), key, &origin)?
             }
             "session_state_action" => {
                 self.session_state_action =
@@ -609,6 +614,9 @@ impl Scalars {
         if let Some(v) = self.session_state_action {
             c.session_state_action = v.value;
         }
+        if let Some(v) = self.track_extra_parameters {
+            c.track_extra_parameters = v.value;
+        }
         if let Some(v) = self.server_auth {
             c.server_auth = v.value;
         }
@@ -848,6 +856,35 @@ fn parse_function_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
         "an array of function names like [\"my_audit_fn\", \"app.bump_counter\"]",
         function_name,
     )
+}
+
+fn parse_parameter_names(raw: Raw<'_>) -> Result<Vec<String>, String> {
+    parse_list(
+        raw,
+        "a parameter name",
+        "an array of parameter names like [\"client_min_messages\"]",
+        parameter_name,
+    )
+}
+
+/// One parameter name (item `i`, 0-based): trimmed, lowercased, `[a-z0-9_.]` only, not
+/// starting with a digit.
+fn parameter_name((i, item): (usize, &str)) -> Result<String, String> {
+    let n = i + 1;
+    let name = item.trim();
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.'))
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.split('.').any(str::is_empty);
+    if !valid {
+        return Err(format!(
+            "item #{n}: invalid parameter name {name:?} (ASCII letters, digits, '_' and '.')"
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// A list: an array of strings, or one comma-separated string (the only form an

@@ -2012,3 +2012,47 @@ fn session_state_action_key() {
         .unwrap();
     assert_eq!(live.session_state_action, SessionStateAction::Reject);
 }
+
+#[test]
+fn track_extra_parameters_key() {
+    let c = load(
+        &Flags::default(),
+        &env(&[("DATABASE_URL", "postgres://app@h/app")]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.track_extra_parameters,
+        ["client_min_messages", "extra_float_digits"]
+    );
+    let (_f, r) = load_file(&format!(
+        "track_extra_parameters = [\"Search_Path\", \" work_mem \", \"app.tenant\"]\n{DB}"
+    ));
+    assert_eq!(
+        r.unwrap().track_extra_parameters,
+        ["search_path", "work_mem", "app.tenant"]
+    );
+    let (_f, r) = load_file(&format!("track_extra_parameters = []\n{DB}"));
+    assert!(r.unwrap().track_extra_parameters.is_empty());
+    let c = load(
+        &Flags::default(),
+        &env(&[
+            ("DATABASE_URL", "postgres://h/app"),
+            (
+                "PGMUX_TRACK_EXTRA_PARAMETERS",
+                "lock_timeout,statement_timeout",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.track_extra_parameters,
+        ["lock_timeout", "statement_timeout"]
+    );
+    let (f, r) = load_file(&format!("track_extra_parameters = [\"work mem\"]\n{DB}"));
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), &e.origin),
+        ("track_extra_parameters", &file_origin(&f, 1))
+    );
+    assert!(e.message.contains("invalid parameter name"), "{e}");
+}

@@ -197,6 +197,7 @@ fn bench_pump_client(c: &mut Criterion) {
             unit_ended: false,
             // Session-state detection on, as by default.
             state: StateCheck::new(Some(SessionStateAction::Pin)),
+            track: &[],
         };
         assert!(!pump_client(&mut rbuf, &mut p, MAX).unwrap());
         assert!(rbuf.is_empty());
@@ -225,6 +226,7 @@ fn bench_pump_client(c: &mut Criterion) {
                     one_unit: false,
                     unit_ended: false,
                     state: StateCheck::new(Some(SessionStateAction::Pin)),
+                    track: &[],
                 };
                 let terminate = pump_client(&mut rbuf, &mut p, MAX).unwrap();
                 black_box(terminate);

@@ -276,6 +276,13 @@ pub enum Expect {
     Sync,
     /// Everything up to ReadyForQuery for a simple Query.
     Query,
+    /// A simple Query that is a plain `SET`/`RESET` of a parameter pgmux follows
+    /// (`track_extra_parameters`), sent outside a transaction: if it succeeds (no error
+    /// before its ReadyForQuery 'I') the client's and the server's records take it.
+    TrackedSet {
+        change: crate::params::ParamChange,
+        failed: bool,
+    },
     /// Everything up to ReadyForQuery for a FunctionCall.
     Function,
     /// A response pgmux makes itself (CloseComplete for a Close it answers, ParseComplete
@@ -304,7 +311,10 @@ pub enum Undo {
 impl Expect {
     /// Whether this entry is closed by a ReadyForQuery.
     pub fn ends_at_ready(&self) -> bool {
-        matches!(self, Expect::Sync | Expect::Query | Expect::Function)
+        matches!(
+            self,
+            Expect::Sync | Expect::Query | Expect::TrackedSet { .. } | Expect::Function
+        )
     }
 }
 

@@ -6,7 +6,10 @@
 //! every server the values it currently has ([`ServerParams`]); at checkout pgmux compares
 //! the two and sends one `SET …` batch for the differences. Parameters a client passed in
 //! its StartupMessage (or `options=-c k=v`) that PostgreSQL does not report are applied the
-//! same way and `RESET` when the next client does not want them.
+//! same way and `RESET` when the next client does not want them, and so are the plain
+//! `SET`s of `track_extra_parameters` a client runs outside a transaction ([`ParamChange`],
+//! recognised by [`crate::sessionstate::plain_set`], recorded by `relay` when PostgreSQL
+//! has carried it out).
 //!
 //! Values are sent as `E'…'` literals with `\` and `'` escaped, which PostgreSQL reads the
 //! same whatever `standard_conforming_strings` is; names are restricted to identifier
@@ -110,6 +113,30 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
 pub struct ClientParams {
     tracked: [Option<String>; TRACKED.len()],
     extras: BTreeMap<String, String>,
+    /// The extras of the startup packet: what `RESET` returns to.
+    startup_extras: BTreeMap<String, String>,
+}
+
+/// A change of an untracked parameter that pgmux follows (`track_extra_parameters`):
+/// a plain `SET`/`RESET` that PostgreSQL carried out outside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamChange {
+    /// `SET name = value` (name lowercase, value as PostgreSQL reads it).
+    Set(String, String),
+    /// `RESET name`, `SET name TO DEFAULT`.
+    Reset(String),
+    /// `RESET ALL`.
+    ResetAll,
+}
+
+impl ParamChange {
+    /// The parameter it changes (None: all of them).
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            ParamChange::Set(n, _) | ParamChange::Reset(n) => Some(n),
+            ParamChange::ResetAll => None,
+        }
+    }
 }
 
 /// Values a server connection currently has.
@@ -146,6 +173,20 @@ impl ServerParams {
     pub fn get(&self, name: &str) -> Option<&str> {
         tracked_index(name).and_then(|i| self.tracked[i].as_deref())
     }
+
+    /// The server carried out `change`: its session defaults are pgmux's login, so a
+    /// reset leaves no extra behind.
+    pub fn track(&mut self, change: &ParamChange) {
+        match change {
+            ParamChange::Set(k, v) => {
+                self.extras.insert(k.clone(), v.clone());
+            }
+            ParamChange::Reset(k) => {
+                self.extras.remove(k);
+            }
+            ParamChange::ResetAll => self.extras.clear(),
+        }
+    }
 }
 
 impl ClientParams {
@@ -155,6 +196,7 @@ impl ClientParams {
         let mut p = ClientParams {
             tracked: defaults.tracked.clone(),
             extras: BTreeMap::new(),
+            startup_extras: BTreeMap::new(),
         };
         for (k, v) in requested {
             let name = canonical_name(k);
@@ -171,7 +213,27 @@ impl ClientParams {
                 }
             }
         }
+        p.startup_extras.clone_from(&p.extras);
         Ok(p)
+    }
+
+    /// The client's own `change` went through: from now on it wants that (a reset goes
+    /// back to what it asked for at startup, as PostgreSQL's session default would).
+    pub fn track(&mut self, change: &ParamChange) {
+        match change {
+            ParamChange::Set(k, v) => {
+                self.extras.insert(k.clone(), v.clone());
+            }
+            ParamChange::Reset(k) => match self.startup_extras.get(k) {
+                Some(v) => {
+                    self.extras.insert(k.clone(), v.clone());
+                }
+                None => {
+                    self.extras.remove(k);
+                }
+            },
+            ParamChange::ResetAll => self.extras.clone_from(&self.startup_extras),
+        }
     }
 
     /// The client saw a ParameterStatus (it changed the setting itself).

@@ -57,6 +57,8 @@ pub struct Pump<'a> {
     pub unit_ended: bool,
     /// Session-state detection (`session_state_action`) and what it found.
     pub state: StateCheck,
+    /// Parameters whose plain SETs are followed per client (`track_extra_parameters`).
+    pub track: &'a [String],
 }
 
 /// Session-state detection for one [`pump_client`] call.
@@ -121,7 +123,25 @@ pub fn pump_client(
         let tracked = p.max_prepared > 0;
         let ends_unit = p.one_unit && (tag == b'Q' || (tag == b'S' && !p.server.copy_in));
         let body = &rbuf[n + 5..n + len];
-        if let Some(action) = p.state.action.filter(|_| tag == b'Q' || tag == b'P') {
+        // A plain SET of a followed parameter, outside a transaction: recorded when it
+        // succeeds, never session state.
+        let followed = if tag == b'Q'
+            && p.server.status == b'I'
+            && p.server.expect.is_empty()
+            && !p.server.unsynced
+        {
+            sessionstate::plain_set(query_text(tag, body)?).filter(|c| {
+                c.name()
+                    .is_none_or(|name| p.track.iter().any(|t| t == name))
+            })
+        } else {
+            None
+        };
+        if let Some(action) = p
+            .state
+            .action
+            .filter(|_| (tag == b'Q' && followed.is_none()) || tag == b'P')
+        {
             if let Some(f) = sessionstate::detect(query_text(tag, body)?) {
                 p.state.saw(f);
                 if action == SessionStateAction::Reject {
@@ -140,7 +160,13 @@ pub fn pump_client(
         let special = match tag {
             b'Q' => {
                 p.server.unsynced = false;
-                if tracked && statement_command(body).is_some() {
+                if let Some(change) = followed {
+                    p.server.expect.push_back(Expect::TrackedSet {
+                        change,
+                        failed: false,
+                    });
+                    false
+                } else if tracked && statement_command(body).is_some() {
                     true
                 } else {
                     p.server.expect.push_back(Expect::Query);
@@ -797,6 +823,13 @@ fn on_message(
             *s.readies += 1;
             // Close the entry this answers, dropping what the server skipped before it.
             while let Some(e) = s.expect.pop_front() {
+                if let Expect::TrackedSet { change, failed } = &e {
+                    // Carried out, and not inside a transaction that could undo it.
+                    if !*failed && *s.status == b'I' {
+                        params.track(change);
+                        s.params.track(change);
+                    }
+                }
                 if e.ends_at_ready() {
                     break;
                 }
@@ -830,6 +863,9 @@ fn on_message(
                 if matches!(f.severity(), "FATAL" | "PANIC") {
                     *s.said_fatal = true;
                 }
+            }
+            if let Some(Expect::TrackedSet { failed, .. }) = s.expect.front_mut() {
+                *failed = true;
             }
             let extended = s.expect.front().is_some_and(|e| !e.ends_at_ready());
             if extended {

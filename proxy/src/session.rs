@@ -1649,14 +1649,13 @@ impl Session<'_> {
         // KILL ends the client in the middle of a transaction too.
         let entry = self.entry;
         let shutdown = &self.shared.shutdown;
-        let (idle_tx_timeout, query_timeout, state_action) = {
-            let cfg = self.shared.config.load();
-            (
-                cfg.idle_transaction_timeout,
-                cfg.query_timeout,
-                cfg.session_state_action,
-            )
-        };
+        // The configuration as of this link (a live change applies from the next one).
+        let live = self.shared.config.load_full();
+        let (idle_tx_timeout, query_timeout, state_action) = (
+            live.idle_transaction_timeout,
+            live.query_timeout,
+            live.session_state_action,
+        );
         // A pinned server is the client's already: nothing more to look for.
         let state_action = (self.pin.is_none()).then_some(state_action);
         // Armed while a request is unanswered (only when configured): at the deadline the
@@ -1730,6 +1729,7 @@ impl Session<'_> {
                     one_unit,
                     unit_ended: false,
                     state: StateCheck::new(state_action),
+                    track: &live.track_extra_parameters,
                 };
                 let pumped = pump_client(&mut client.rbuf, &mut pump, max);
                 unit_done = pump.unit_ended;

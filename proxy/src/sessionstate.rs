@@ -7,6 +7,10 @@
 //! search_path, role, …, also `set_config(…, false)`), `LISTEN`, session-level advisory
 //! locks, `WITH HOLD` cursors, temporary tables, SQL-level `PREPARE`, `LOAD`.
 //!
+//! A plain `SET` of a parameter listed in `track_extra_parameters` (one statement,
+//! outside a transaction; [`plain_set`]) is not session state: `relay` records it for the
+//! client and it is re-applied like the reported parameters.
+//!
 //! [`detect`] finds such statements in a simple-query text or a Parse text. What the
 //! session does with the answer is `session_state_action`: pin the server to the client,
 //! warn, or reject (see `session` and `relay`).
@@ -113,7 +117,11 @@ pub fn detect(sql: &[u8]) -> Option<Feature> {
 
 /// [`detect`] by the lexer alone.
 fn lex(sql: &[u8]) -> Option<Feature> {
-    let mut lx = Lexer { b: sql, i: 0 };
+    let mut lx = Lexer {
+        b: sql,
+        i: 0,
+        start: 0,
+    };
     loop {
         // A statement's first token.
         let first = loop {
@@ -198,6 +206,139 @@ fn plainly_none(b: &[u8]) -> bool {
         }
     }
     true
+}
+
+/// A simple-query text that is exactly one plain `SET [SESSION] name {TO | =} value`,
+/// `SET name TO DEFAULT`, `RESET name` or `RESET ALL`, as the change PostgreSQL makes. The
+/// name is an identifier (dotted for custom parameters), folded to lowercase; the value
+/// one bare word (folded, as PostgreSQL folds it), a number, or a plain `'…'` literal
+/// without quotes or backslashes inside. Anything else (a list, an expression, `SET
+/// LOCAL`, `SET ROLE`, …) is `None`.
+pub fn plain_set(sql: &[u8]) -> Option<crate::params::ParamChange> {
+    use crate::params::ParamChange;
+    let mut lx = Lexer {
+        b: sql,
+        i: 0,
+        start: 0,
+    };
+    let first = lx.next()?;
+    let change = if is_word(first, "reset") {
+        let t = lx.next()?;
+        if is_word(t, "all") {
+            ParamChange::ResetAll
+        } else {
+            ParamChange::Reset(param_name(&mut lx, t)?)
+        }
+    } else if is_word(first, "set") {
+        let mut t = lx.next()?;
+        if is_word(t, "session") {
+            t = lx.next()?;
+        }
+        const FORMS: [&str; 10] = [
+            "local",
+            "session",
+            "transaction",
+            "time",
+            "names",
+            "role",
+            "schema",
+            "constraints",
+            "xml",
+            "authorization",
+        ];
+        if FORMS.iter().any(|kw| is_word(t, kw)) {
+            return None;
+        }
+        let name = param_name(&mut lx, t)?;
+        let value = match lx.next()? {
+            t if is_word(t, "to") => lx.next()?,
+            Tok::Other(b"=") => lx.next()?,
+            // `name=3`: the number rides on the `=`.
+            Tok::Other(o) if o.first() == Some(&b'=') => Tok::Other(&o[1..]),
+            _ => return None,
+        };
+        if is_word(value, "default") {
+            ParamChange::Reset(name)
+        } else {
+            let start = match value {
+                Tok::Other(o) => lx.i - o.len(),
+                _ => lx.start,
+            };
+            // The value runs to the end of the statement.
+            let mut end = sql.len();
+            while end > start && (sql[end - 1].is_ascii_whitespace() || sql[end - 1] == b';') {
+                end -= 1;
+            }
+            let value = plain_value(value, &sql[start..end], lx.i >= end)?;
+            // All of `start..end` was read as the value.
+            lx.i = lx.i.max(end);
+            ParamChange::Set(name, value)
+        }
+    } else {
+        return None;
+    };
+    // Nothing but `;` after it.
+    while let Some(t) = lx.next() {
+        if t != Tok::Punct(b';') {
+            return None;
+        }
+    }
+    Some(change)
+}
+
+/// An identifier, or a dotted custom name (`app.tenant`), lowercase.
+fn param_name(lx: &mut Lexer<'_>, first: Tok<'_>) -> Option<String> {
+    let Tok::Word(w) = first else {
+        return None;
+    };
+    let mut name = std::str::from_utf8(w).ok()?.to_ascii_lowercase();
+    while lx.peek() == Some(Tok::Punct(b'.')) {
+        lx.next();
+        let Tok::Word(w) = lx.next()? else {
+            return None;
+        };
+        name.push('.');
+        name.push_str(&std::str::from_utf8(w).ok()?.to_ascii_lowercase());
+    }
+    crate::params::valid_name(&name).then_some(name)
+}
+
+/// The value of a plain SET (`raw`: its text to the statement's end; `whole`: the first
+/// token is all of it).
+fn plain_value(first: Tok<'_>, raw: &[u8], whole: bool) -> Option<String> {
+    if raw.len() > 1024 {
+        return None;
+    }
+    let text = std::str::from_utf8(raw).ok()?;
+    match first {
+        Tok::Word(_) if whole => Some(text.to_ascii_lowercase()),
+        Tok::Str(content)
+            if whole
+                && raw.first() == Some(&b'\'')
+                && !content.iter().any(|c| matches!(c, b'\'' | b'\\' | 0)) =>
+        {
+            Some(std::str::from_utf8(content).ok()?.to_owned())
+        }
+        _ => {
+            // A number: [+-]digits[.digits][e[+-]digits].
+            let t = text.strip_prefix(['+', '-']).unwrap_or(text);
+            let (mantissa, exp) = match t.find(['e', 'E']) {
+                Some(i) => (&t[..i], Some(&t[i + 1..])),
+                None => (t, None),
+            };
+            let digits_dot = |m: &str| {
+                !m.is_empty()
+                    && m.bytes().any(|c| c.is_ascii_digit())
+                    && m.bytes().all(|c| c.is_ascii_digit() || c == b'.')
+                    && m.bytes().filter(|c| *c == b'.').count() <= 1
+            };
+            let exp_ok = exp.is_none_or(|e| {
+                let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+                !e.is_empty() && e.bytes().all(|c| c.is_ascii_digit())
+            });
+            (digits_dot(mantissa) && exp_ok).then(|| text.to_owned())
+        }
+    }
 }
 
 /// ASCII case-insensitive comparison of a bare word with a lowercase keyword.
@@ -436,13 +577,15 @@ enum Tok<'a> {
     Str(&'a [u8]),
     /// `(`, `)`, `,`, `;`, `.`.
     Punct(u8),
-    /// Anything else (numbers, operators, parameters).
-    Other,
+    /// Anything else (numbers, operators, parameters), as written.
+    Other(&'a [u8]),
 }
 
 struct Lexer<'a> {
     b: &'a [u8],
     i: usize,
+    /// Where the last token returned by `next` starts.
+    start: usize,
 }
 
 fn word_start(c: u8) -> bool {
@@ -458,6 +601,7 @@ impl<'a> Lexer<'a> {
         let mut copy = Lexer {
             b: self.b,
             i: self.i,
+            start: self.start,
         };
         copy.next()
     }
@@ -465,6 +609,7 @@ impl<'a> Lexer<'a> {
     fn next(&mut self) -> Option<Tok<'a>> {
         let b = self.b;
         loop {
+            self.start = self.i;
             let c = *b.get(self.i)?;
             match c {
                 b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => self.i += 1,
@@ -512,6 +657,7 @@ impl<'a> Lexer<'a> {
                     return Some(Tok::Word(w));
                 }
                 _ => {
+                    let start = self.i;
                     self.i += 1;
                     // Numbers and operators: one token per run of such bytes.
                     while self.i < b.len()
@@ -536,7 +682,7 @@ impl<'a> Lexer<'a> {
                     {
                         self.i += 1;
                     }
-                    return Some(Tok::Other);
+                    return Some(Tok::Other(&b[start..self.i]));
                 }
             }
         }
@@ -579,14 +725,14 @@ impl<'a> Lexer<'a> {
                 j += 1;
             }
             self.i = j;
-            return Tok::Other;
+            return Tok::Other(&b[start..j]);
         }
         while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
             j += 1;
         }
         if b.get(j) != Some(&b'$') {
             self.i = j.max(start + 1);
-            return Tok::Other;
+            return Tok::Other(&b[start..self.i]);
         }
         let tag = &b[start..=j];
         let body = j + 1;
@@ -788,6 +934,67 @@ mod tests {
         assert!(plainly_none(b"UPDATE t SET x = 1 WHERE id = 2"));
         assert!(!plainly_none(b"select 1; set work_mem = 1"));
         assert!(!plainly_none(b"SELECT PG_TRY_ADVISORY_LOCK(1)"));
+    }
+
+    #[test]
+    fn plain_sets_are_recognised_exactly() {
+        use crate::params::ParamChange::{Reset, ResetAll, Set};
+        let p = |s: &str| plain_set(s.as_bytes());
+        let set = |n: &str, v: &str| Some(Set(n.into(), v.into()));
+        assert_eq!(
+            p("SET client_min_messages TO 'warning'"),
+            set("client_min_messages", "warning")
+        );
+        assert_eq!(
+            p("set client_min_messages = WARNING;"),
+            set("client_min_messages", "warning")
+        );
+        assert_eq!(
+            p("SET SESSION extra_float_digits = 3"),
+            set("extra_float_digits", "3")
+        );
+        assert_eq!(
+            p("SET extra_float_digits=-1"),
+            set("extra_float_digits", "-1")
+        );
+        assert_eq!(p("SET x.y = 0.5"), set("x.y", "0.5"));
+        assert_eq!(p("SET work_mem = '64MB' ; "), set("work_mem", "64MB"));
+        assert_eq!(
+            p("SET search_path TO Tenant_A"),
+            set("search_path", "tenant_a")
+        );
+        assert_eq!(
+            p("SET App.Tenant = 'Acme Corp'"),
+            set("app.tenant", "Acme Corp")
+        );
+        assert_eq!(p("SET work_mem TO DEFAULT"), Some(Reset("work_mem".into())));
+        assert_eq!(
+            p("RESET client_min_messages"),
+            Some(Reset("client_min_messages".into()))
+        );
+        assert_eq!(p("reset all"), Some(ResetAll));
+        for no in [
+            "SET LOCAL work_mem = 1",
+            "SET search_path = a, b",
+            "SET x = 'it''s'",
+            "SET x = E'a\\nb'",
+            "SET x = $$a$$",
+            "SET x = 1 + 1",
+            "SET x = 1; SELECT 1",
+            "SET ROLE bob",
+            "SET SESSION AUTHORIZATION bob",
+            "SET TIME ZONE 'UTC'",
+            "SET \"X\" = 1",
+            "SET x",
+            "SET x =",
+            "SET x = 1e",
+            "SET x = 1.2.3",
+            "RESET",
+            "SELECT 1",
+            "",
+        ] {
+            assert_eq!(p(no), None, "{no}");
+        }
     }
 
     #[test]
