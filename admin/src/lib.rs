@@ -22,6 +22,8 @@
 //! [`console::execute`]); this crate knows nothing of the proxy's types.
 
 pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 

@@ -29,6 +29,8 @@ pub mod backend;
 pub mod budget;
 pub mod cancel;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod params;
 pub mod peers;
 pub mod pool;
