@@ -438,7 +438,11 @@ fn bench_session_state(c: &mut Criterion) {
         ("select", PGBENCH_SQL, None),
         ("update", UPDATE_SQL, None),
         ("insert", INSERT_SQL, None),
-        ("set_search_path", "SET search_path = tenant_a, public", Some(Feature::Set)),
+        (
+            "set_search_path",
+            "SET search_path = tenant_a, public",
+            Some(Feature::Set),
+        ),
     ] {
         assert_eq!(detect(sql.as_bytes()), want);
         g.bench_function(name, |b| b.iter(|| detect(black_box(sql.as_bytes()))));
