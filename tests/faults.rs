@@ -558,17 +558,7 @@ fn primary_killed_and_restarted_under_load() {
         failed_ops <= POOL,
         "{failed_ops} operations failed; at most {POOL} (one per server) were in flight"
     );
-    let servers = wait_servers_are_backends(
-        &px,
-        node,
-        node.port,
-        &db.user,
-        POOL,
-        Duration::from_secs(15),
-    );
-    println!("  at quiescence: {servers} pgmux servers = {servers} backends in pg_stat_activity");
-    let fds = support::wait_no_fd_leak(&px, fds_at_start, 0, Duration::from_secs(10));
-    println!("  pgmux fds: {fds_at_start} at start, {fds} now (with {servers} servers): no socket leaked");
+    support::settled_without_leaks(&px, node, node.port, &db.user, POOL, fds_at_start);
     assert_no_panic(&px);
 }
 
@@ -1034,17 +1024,7 @@ fn network_black_hole_and_reset_between_pgmux_and_primary() {
         settled_at,
         "connection reset",
     );
-    let servers = wait_servers_are_backends(
-        &px,
-        node,
-        relay.port,
-        &db.user,
-        POOL,
-        Duration::from_secs(20),
-    );
-    println!("  at quiescence: {servers} pgmux servers = {servers} backends in pg_stat_activity");
-    let fds = support::wait_no_fd_leak(&px, fds_at_start, 0, Duration::from_secs(10));
-    println!("  pgmux fds: {fds_at_start} at start, {fds} now (with {servers} servers): no socket leaked");
+    support::settled_without_leaks(&px, node, relay.port, &db.user, POOL, fds_at_start);
     assert_no_panic(&px);
 }
 
@@ -1329,17 +1309,7 @@ fn max_connections_exhausted_by_someone_else() {
         release_at + Duration::from_secs(1),
         "release",
     );
-    let servers = wait_servers_are_backends(
-        &px,
-        node,
-        node.port,
-        &db.user,
-        POOL,
-        Duration::from_secs(15),
-    );
-    println!("  at quiescence: {servers} pgmux servers = {servers} backends in pg_stat_activity");
-    let fds = support::wait_no_fd_leak(&px, fds_at_start, 0, Duration::from_secs(10));
-    println!("  pgmux fds: {fds_at_start} at start, {fds} now (with {servers} servers): no socket leaked");
+    support::settled_without_leaks(&px, node, node.port, &db.user, POOL, fds_at_start);
     wait_for(
         "the hog's connections to end",
         Duration::from_secs(10),

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{admin_patch, quote_ident, quote_literal, wait_servers_are_backends, TestDb};
+use support::{admin_patch, quote_ident, quote_literal, TestDb};
 use tokio_postgres::{Client, NoTls};
 
 const ACCOUNTS: i64 = 100;
@@ -612,17 +612,7 @@ fn transfers_survive_kills_and_live_resizes() {
         acked.len()
     );
 
-    let servers = wait_servers_are_backends(
-        &px,
-        node,
-        node.port,
-        &db.user,
-        POOL,
-        Duration::from_secs(15),
-    );
-    println!("  at quiescence: {servers} pgmux servers = {servers} backends in pg_stat_activity");
-    let fds = support::wait_no_fd_leak(&px, fds_at_start, 0, Duration::from_secs(10));
-    println!("  pgmux fds: {fds_at_start} at start, {fds} now (with {servers} servers): no socket leaked");
+    support::settled_without_leaks(&px, node, node.port, &db.user, POOL, fds_at_start);
     let log = px.log();
     assert!(!log.contains("panicked at"), "pgmux panicked:\n{log}");
 }

@@ -1026,3 +1026,29 @@ pub fn wait_no_fd_leak(px: &Pgmux, base: i64, extra: i64, timeout: Duration) -> 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The checks after a fault, once things are quiet: every server pgmux counts for `user`
+/// is a real backend of `node` (reached through `pgmux_port`) and at most `max_servers`,
+/// and no file descriptor leaked against `fds_at_start`. Prints both findings.
+pub fn settled_without_leaks(
+    px: &Pgmux,
+    node: &PgNode,
+    pgmux_port: u16,
+    user: &str,
+    max_servers: usize,
+    fds_at_start: i64,
+) {
+    let servers = wait_servers_are_backends(
+        px,
+        node,
+        pgmux_port,
+        user,
+        max_servers,
+        Duration::from_secs(20),
+    );
+    println!("  at quiescence: {servers} pgmux servers = {servers} backends in pg_stat_activity");
+    let fds = wait_no_fd_leak(px, fds_at_start, 0, Duration::from_secs(10));
+    println!(
+        "  pgmux fds: {fds_at_start} at start, {fds} now (with {servers} servers): no socket leaked"
+    );
+}
