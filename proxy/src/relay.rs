@@ -123,26 +123,28 @@ pub fn pump_client(
         let tracked = p.max_prepared > 0;
         let ends_unit = p.one_unit && (tag == b'Q' || (tag == b'S' && !p.server.copy_in));
         let body = &rbuf[n + 5..n + len];
+        let text = match tag {
+            b'Q' | b'P' => Some(query_text(tag, body)?),
+            _ => None,
+        };
         // A plain SET of a followed parameter, outside a transaction: recorded when it
         // succeeds, never session state.
-        let followed = if tag == b'Q'
-            && p.server.status == b'I'
-            && p.server.expect.is_empty()
-            && !p.server.unsynced
-        {
-            sessionstate::plain_set(query_text(tag, body)?).filter(|c| {
-                c.name()
-                    .is_none_or(|name| p.track.iter().any(|t| t == name))
-            })
-        } else {
-            None
+        let followed = match text {
+            Some(sql)
+                if tag == b'Q'
+                    && p.server.status == b'I'
+                    && p.server.expect.is_empty()
+                    && !p.server.unsynced =>
+            {
+                sessionstate::plain_set(sql).filter(|c| {
+                    c.name()
+                        .is_none_or(|name| p.track.iter().any(|t| t == name))
+                })
+            }
+            _ => None,
         };
-        if let Some(action) = p
-            .state
-            .action
-            .filter(|_| (tag == b'Q' && followed.is_none()) || tag == b'P')
-        {
-            if let Some(f) = sessionstate::detect(query_text(tag, body)?) {
+        if let (Some(action), Some(sql), None) = (p.state.action, text, &followed) {
+            if let Some(f) = sessionstate::detect(sql) {
                 p.state.saw(f);
                 if action == SessionStateAction::Reject {
                     append(p.out, rbuf.split_to(n));
@@ -279,19 +281,13 @@ fn refuse(p: &mut Pump<'_>, tag: u8, f: Feature) {
     );
     let mut b = BytesMut::new();
     msg::error_response_with_hint(&mut b, Severity::Error, "0A000", &text, f.hint());
-    if tag != b'Q' {
-        fail_here(p, b.freeze());
-        return;
+    // When the server skips to the client's next Sync, this Query included, nothing
+    // goes in its place either.
+    if fail_here(p, b.freeze()) && tag == b'Q' {
+        p.out.put_slice(&[b'S', 0, 0, 0, 4]);
+        p.server.expect.push_back(Expect::Sync);
+        p.server.unsynced = false;
     }
-    if will_skip(p) {
-        // The server discards messages up to the client's next Sync, this Query included:
-        // nothing is sent in its place either.
-        return;
-    }
-    fail_here(p, b.freeze());
-    p.out.put_slice(&[b'S', 0, 0, 0, 4]);
-    p.server.expect.push_back(Expect::Sync);
-    p.server.unsynced = false;
 }
 
 fn utf8(b: &[u8], what: &'static str) -> Result<String, ProtocolError> {
@@ -579,11 +575,12 @@ fn synthetic_error(p: &mut Pump<'_>, code: &str, text: &str) {
 }
 
 /// The server fails here on purpose and the client sees `error` in its place (a
-/// Describe of a portal no client can name; see [`synthetic_error`]).
-fn fail_here(p: &mut Pump<'_>, error: Bytes) {
+/// Describe of a portal no client can name; see [`synthetic_error`]). False when the
+/// server skips this message anyway: nothing is sent.
+fn fail_here(p: &mut Pump<'_>, error: Bytes) -> bool {
     if will_skip(p) {
         // PostgreSQL would not have looked at this message.
-        return;
+        return false;
     }
     p.out.put_u8(b'D');
     p.out.put_i32((4 + 1 + FAIL_PORTAL.len() + 1) as i32);
@@ -592,6 +589,7 @@ fn fail_here(p: &mut Pump<'_>, error: Bytes) {
     p.out.put_u8(0);
     p.server.expect.push_back(Expect::Fail { error });
     p.server.unsynced = true;
+    true
 }
 
 /// A portal name no client creates by accident (a control character first).
@@ -843,13 +841,17 @@ fn on_message(
             params.reported(k, v);
         }
         b'E' => {
+            // Counted by the class of the error the client sees.
+            let count_class = |s: &mut Parts<'_>, f: &ErrorFields| {
+                if let [a, b, ..] = f.code().as_bytes() {
+                    s.error_classes.push([*a, *b]);
+                }
+            };
             if let Some(Expect::Fail { error }) = s.expect.front() {
                 // The failure pgmux asked for: the client gets its own error instead.
                 let error = error.clone();
                 if let Ok(f) = ErrorFields::parse(&error[5..]) {
-                    if let [a, b, ..] = f.code().as_bytes() {
-                        s.error_classes.push([*a, *b]);
-                    }
+                    count_class(&mut s, &f);
                 }
                 s.expect.pop_front();
                 *s.skipping = true;
@@ -857,9 +859,7 @@ fn on_message(
                 return Ok(true);
             }
             if let Ok(f) = ErrorFields::parse(body) {
-                if let [a, b, ..] = f.code().as_bytes() {
-                    s.error_classes.push([*a, *b]);
-                }
+                count_class(&mut s, &f);
                 if matches!(f.severity(), "FATAL" | "PANIC") {
                     *s.said_fatal = true;
                 }
