@@ -311,7 +311,6 @@ async fn serve_client(
                 pin: None,
                 pinned: None,
                 warned: 0,
-                pin_counted: false,
             };
             let reason = s.serve().await;
             tracing::debug!(%peer, %user, %database, reason = reason.as_str(), "client disconnected");
@@ -985,13 +984,12 @@ struct Session<'a> {
     pinned: Option<PooledServer>,
     /// Features already logged for this client (`warn`), as bits of [`Feature::ALL`].
     warned: u16,
-    /// This client counts in its pool's `pinned` gauge.
-    pin_counted: bool,
 }
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        if self.pin_counted {
+        // Counted in the pool's `pinned` gauge since the pin was asked for.
+        if self.pin.is_some() {
             self.pool.stats.pinned.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -1501,15 +1499,9 @@ impl Session<'_> {
             if let Some(e) = &server_entry {
                 e.link(self.entry.id);
             }
-            if !server.session_state {
-                // First pinned here (a unit retried after its server died is seen again
-                // on the new one, but not looked for once pinned).
-                server.session_state = true;
-            }
-            if !self.pin_counted {
-                self.pin_counted = true;
-                self.pool.stats.pinned.fetch_add(1, Ordering::Relaxed);
-            }
+            // Marked here too: a unit retried after its server died runs again on a new
+            // one, where it is not looked for once the pin was asked for.
+            server.session_state = true;
             self.pinned = Some(server);
         } else {
             drop(server);
@@ -1623,6 +1615,7 @@ impl Session<'_> {
                 if self.pin.is_none() {
                     self.pin = Some(f);
                     counter.fetch_add(1, Ordering::Relaxed);
+                    self.pool.stats.pinned.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%db, %user, client, application_name = app, feature = f.as_str(), "client made session state: its server connection stays with it until it disconnects (session_state_action = pin)");
                 }
             }
