@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    admin_get, pgmux_server_pids, quote_literal, wait_servers_are_backends, Pgmux, TestDb,
+    admin_get, pgmux_server_pids, quote_literal, runtime, wait_servers_are_backends, Pgmux, TestDb,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -388,14 +388,6 @@ impl Load {
             }
         });
     }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 /// pgmux's log has no panic in it.

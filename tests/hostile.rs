@@ -554,6 +554,23 @@ fn slowloris_startup_is_closed_after_client_login_timeout() {
 /// documented: the slot is taken when the startup packet is read, before
 /// authentication), so the excess gets 53300 until they leave or their
 /// client_login_timeout runs out; TCP connections that sent nothing do not count.
+/// `n` clients that sent a startup packet and were asked for SCRAM (AuthenticationSASL),
+/// and go no further.
+fn unauthenticated_crowd(db: &TestDb, px: &Pgmux, n: usize) -> Vec<RawConn> {
+    let mut crowd: Vec<RawConn> = (0..n)
+        .map(|_| {
+            let mut c = RawConn::connect(px.port());
+            c.startup(&db.user, &db.db, &[]);
+            c
+        })
+        .collect();
+    for c in &mut crowd {
+        let (tag, body) = c.read_message().expect("AuthenticationSASL");
+        assert_eq!((tag, &body[..4]), (b'R', &10i32.to_be_bytes()[..]));
+    }
+    crowd
+}
+
 #[test]
 fn unauthenticated_crowds_are_bounded_and_count_against_max_client_conn() {
     raise_fd_limit();
@@ -562,16 +579,7 @@ fn unauthenticated_crowds_are_bounded_and_count_against_max_client_conn() {
     let steady = Steady::start(&db, &px);
     let rss_before = rss(&px);
     let started = Instant::now();
-    let mut crowd = Vec::new();
-    for _ in 0..2000 {
-        let mut c = RawConn::connect(px.port());
-        c.startup(&db.user, &db.db, &[]);
-        crowd.push(c);
-    }
-    for c in &mut crowd {
-        let (tag, body) = c.read_message().expect("AuthenticationSASL");
-        assert_eq!((tag, &body[..4]), (b'R', &10i32.to_be_bytes()[..]));
-    }
+    let crowd = unauthenticated_crowd(&db, &px, 2000);
     eprintln!(
         "[hostile] 2000 unauthenticated clients waiting after {:?}",
         started.elapsed()
@@ -594,16 +602,7 @@ fn unauthenticated_crowds_are_bounded_and_count_against_max_client_conn() {
     );
     assert!(rss_after - rss_before < 64 * MIB);
     // A second crowd reuses that memory: RSS stays flat (no per-connection leak).
-    let mut crowd = Vec::new();
-    for _ in 0..2000 {
-        let mut c = RawConn::connect(px.port());
-        c.startup(&db.user, &db.db, &[]);
-        crowd.push(c);
-    }
-    for c in &mut crowd {
-        let (tag, _) = c.read_message().expect("AuthenticationSASL");
-        assert_eq!(tag, b'R');
-    }
+    let crowd = unauthenticated_crowd(&db, &px, 2000);
     let rss_held2 = rss(&px);
     drop(crowd);
     std::thread::sleep(Duration::from_secs(1));
@@ -630,14 +629,7 @@ fn unauthenticated_crowds_are_bounded_and_count_against_max_client_conn() {
     let mut ok = db.raw(&px); // a second slot
     assert_eq!(first_value(&ok.simple_query("SELECT 1")), "1");
     // 98 more that sent a startup packet fill the rest.
-    let mut crowd = Vec::new();
-    for _ in 0..98 {
-        let mut c = RawConn::connect(px.port());
-        c.startup(&db.user, &db.db, &[]);
-        let (tag, _) = c.read_message().expect("AuthenticationSASL");
-        assert_eq!(tag, b'R');
-        crowd.push(c);
-    }
+    let crowd = unauthenticated_crowd(&db, &px, 98);
     let mut refused = RawConn::connect(px.port());
     refused.startup(&db.user, &db.db, &[]);
     let e = expect_fatal(&mut refused, "53300", "client 101");

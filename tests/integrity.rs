@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{admin_patch, quote_ident, quote_literal, TestDb};
+use support::{admin_patch, quote_ident, quote_literal, Rng, TestDb};
 use tokio_postgres::{Client, NoTls};
 
 const ACCOUNTS: i64 = 100;
@@ -43,22 +43,6 @@ const POOL: usize = 6;
 const RUN: Duration = Duration::from_secs(20);
 /// Deadline of one statement (query_wait_timeout is 15 s).
 const STEP_TIMEOUT: Duration = Duration::from_secs(25);
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) % n
-    }
-}
 
 #[derive(Default)]
 struct Outcomes {
@@ -371,11 +355,7 @@ fn transfers_survive_kills_and_live_resizes() {
     );
     let url = db.url(&px);
     let fds_at_start = support::pgmux_fds(&px);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime();
     // Commits are durable for the clients (the database's setting reaches them).
     rt.block_on(async {
         let (c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");

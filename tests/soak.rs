@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::TestDb;
+use support::{Rng, TestDb};
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
@@ -45,22 +45,6 @@ const RSS_GROWTH_PCT: u64 = 10;
 /// at most this many (an admin HTTP connection being accepted or closed, a server
 /// socket being closed between two reads of /proc).
 const FD_SLACK: i64 = 2;
-
-/// xorshift64*: a deterministic, dependency-free generator per task.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) % n
-    }
-}
 
 /// What the workload did, and what went wrong.
 #[derive(Default)]
