@@ -147,7 +147,7 @@ pub struct ClientEntry {
     cancel_pid: AtomicI32,
     /// Set by KILL: the session ends. A flag and the session task's waker, rather than a
     /// cancellation token: no allocation per client and a tiny future to wait on. The
-    /// waker also serves [`ClientEntry::removed`] (same task, so one slot is enough).
+    /// waker also serves [`ClientEntry::interrupted`] (same task, so one slot is enough).
     killed: AtomicBool,
     waker: AtomicWaker,
 }
@@ -211,33 +211,70 @@ impl ClientEntry {
         })
     }
 
-    /// Whether a reload removed this client's database (its pool is marked removed).
-    pub fn is_removed(&self) -> bool {
-        matches!(self.ident.get(), Some(ClientIdent::Pool { pool, .. }) if pool.is_removed())
+    /// What ends a session between transactions, if anything has happened yet: the
+    /// drain (`shutdown` cancelled), KILL, or a reload that removed the database, looked
+    /// at in that order.
+    fn interrupt(&self, shutdown: &tokio_util::sync::CancellationToken) -> Option<Interrupt> {
+        if shutdown.is_cancelled() {
+            Some(Interrupt::Drain)
+        } else if self.killed.load(Ordering::Acquire) {
+            Some(Interrupt::Killed)
+        } else if self.is_removed() {
+            Some(Interrupt::Removed)
+        } else {
+            None
+        }
     }
 
-    /// Resolves once a reload removed this client's database. Unlike [`Self::killed`],
-    /// the session waits on it only between transactions (idle, or waiting for a
-    /// server): a transaction in progress finishes first. Read from the pool rather
-    /// than a flag of its own, so a client that logs in while the reload runs, on a
-    /// pool that is removed already, is caught too.
-    pub fn removed(&self) -> impl std::future::Future<Output = ()> + '_ {
+    /// Resolves with the first [`Interrupt`]. One future and one waker registration for
+    /// the three (a session waits on it every time it goes idle). The drain is seen
+    /// through the entry's waker, which [`crate::Proxy::run`] wakes for every client
+    /// when the drain starts, rather than by waiting on the token itself, which locks
+    /// the token's mutex twice (enqueue, dequeue) per wait.
+    pub fn interrupted<'a>(
+        &'a self,
+        shutdown: &'a tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = Interrupt> + 'a {
         std::future::poll_fn(move |cx| {
-            if self.is_removed() {
-                return Poll::Ready(());
+            if let Some(i) = self.interrupt(shutdown) {
+                return Poll::Ready(i);
             }
             self.waker.register(cx.waker());
-            if self.is_removed() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+            match self.interrupt(shutdown) {
+                Some(i) => Poll::Ready(i),
+                None => Poll::Pending,
             }
         })
+    }
+
+    /// Wakes the session task (it looks at the drain, KILL and removal flags again).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Whether a reload removed this client's database (its pool is marked removed).
+    /// The session looks at it only between transactions (idle, or waiting for a
+    /// server): a transaction in progress finishes first. Read from the pool rather than
+    /// a flag of its own, so a client that logs in while the reload runs, on a pool that
+    /// is removed already, is caught too.
+    pub fn is_removed(&self) -> bool {
+        matches!(self.ident.get(), Some(ClientIdent::Pool { pool, .. }) if pool.is_removed())
     }
 
     fn state(&self) -> ClientState {
         ClientState::from_u8(self.state.load(Ordering::Relaxed))
     }
+}
+
+/// Why a session between transactions must end (see [`ClientEntry::interrupted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The drain began (SIGTERM, or the admin's shutdown).
+    Drain,
+    /// KILL from the console or the HTTP API.
+    Killed,
+    /// A reload removed the client's database.
+    Removed,
 }
 
 /// A client's place in the registry, for the session's lifetime.

@@ -453,6 +453,11 @@ impl Proxy {
                 }
             }
         }
+        // Sessions wait for the drain on their registry entry's waker (see
+        // `ClientEntry::drain_started`).
+        for c in shared.client_list.iter() {
+            c.wake();
+        }
         // Handover (README, "Restart without dropped connections"): with SO_REUSEPORT the
         // kernel keeps hashing new connections to this listener until it is closed, and
         // closing it resets every connection that completed its handshake but was not

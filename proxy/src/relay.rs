@@ -611,6 +611,18 @@ enum StatementCommand {
 }
 
 fn statement_command(body: &[u8]) -> Option<StatementCommand> {
+    // Nearly every query is neither: refused on its first word, before the text is
+    // looked at further (1 in 3 of a pgbench transaction's instructions went here).
+    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    let word = &body[start..];
+    let first_is = |kw: &[u8]| {
+        word.len() > kw.len()
+            && word[..kw.len()].eq_ignore_ascii_case(kw)
+            && (word[kw.len()].is_ascii_whitespace() || matches!(word[kw.len()], b';' | 0))
+    };
+    if !first_is(b"discard") && !first_is(b"deallocate") {
+        return None;
+    }
     let (sql, _) = cstr(body)?;
     if sql.len() > 200 {
         return None;
@@ -976,6 +988,14 @@ mod tests {
             matches!(statement_command(&q("DEALLOCATE Foo")), Some(StatementCommand::Deallocate(n)) if n == "foo")
         );
         assert!(statement_command(&q("select 1")).is_none());
+        // The first-word check in front: only the whole word counts.
+        assert!(matches!(
+            statement_command(&q("\n DISCARD\tALL;")),
+            Some(StatementCommand::DiscardAll)
+        ));
+        assert!(statement_command(&q("discards all")).is_none());
+        assert!(statement_command(&q("deallocatex all")).is_none());
+        assert!(statement_command(&q("discard")).is_none());
         assert!(statement_command(&q("discard all; select 1")).is_none());
         assert!(statement_command(&q("deallocate x y")).is_none());
     }

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use crate::auth::{self, ScramServer};
 use crate::backend::{send_cancel, BackendError, Server};
 use crate::cancel::Registration;
-use crate::control::{ClientEntry, ClientIdent, ClientTicket};
+use crate::control::{ClientEntry, ClientIdent, ClientTicket, Interrupt};
 use crate::params::{self, ClientParams};
 use crate::pool::{Pool, PoolError, PooledServer};
 use crate::prepared::ClientStatements;
@@ -1128,14 +1128,23 @@ const RESEND_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 /// rather than its successor by chance: it is served once, then told 57P01 like everyone.
 const FIRST_TRANSACTION_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Resolves when the drain reaches a client that is between transactions: at once for a
-/// client that has run a transaction, [`FIRST_TRANSACTION_GRACE`] later for a fresh one.
-async fn drain_reached(shutdown: &tokio_util::sync::CancellationToken, fresh: bool) {
-    shutdown.cancelled().await;
-    if fresh {
+/// Resolves when something ends a client that is between transactions (see
+/// [`ClientEntry::interrupted`]). The drain reaches a client that has run a transaction
+/// at once, a fresh one [`FIRST_TRANSACTION_GRACE`] later (unless KILL comes first).
+async fn interrupted(
+    entry: &ClientEntry,
+    shutdown: &tokio_util::sync::CancellationToken,
+    fresh: bool,
+) -> Interrupt {
+    let why = entry.interrupted(shutdown).await;
+    if why == Interrupt::Drain && fresh {
         // Boxed: only a draining client pays for the timer, not every idle task.
-        Box::pin(tokio::time::sleep(FIRST_TRANSACTION_GRACE)).await;
+        tokio::select! {
+            _ = Box::pin(tokio::time::sleep(FIRST_TRANSACTION_GRACE)) => {}
+            _ = entry.killed() => return Interrupt::Killed,
+        }
     }
+    why
 }
 
 impl Session<'_> {
@@ -1204,9 +1213,7 @@ impl Session<'_> {
                 };
                 tokio::select! {
                     biased;
-                    _ = drain_reached(&self.shared.shutdown, fresh) => return self.client.shutting_down().await,
-                    _ = self.entry.killed() => return self.killed().await,
-                    _ = self.entry.removed() => return self.client.database_removed(&self.pool.database).await,
+                    why = interrupted(self.entry, &self.shared.shutdown, fresh) => return self.interrupted(why).await,
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
                         return DisconnectReason::ClientIdleTimeout;
@@ -1347,9 +1354,7 @@ impl Session<'_> {
             // A client still waiting for a server when the drain starts has not begun
             // its transaction: it is told, like an idle one, and nothing runs (a fresh
             // client gets FIRST_TRANSACTION_GRACE first, as when idle).
-            _ = drain_reached(&self.shared.shutdown, fresh) => Err(self.client.shutting_down().await),
-            _ = self.entry.killed() => Err(self.killed().await),
-            _ = self.entry.removed() => Err(self.client.database_removed(&self.pool.database).await),
+            why = interrupted(self.entry, &self.shared.shutdown, fresh) => Err(self.interrupted(why).await),
             r = self.checkout() => Ok(r),
         }
     }
@@ -1408,6 +1413,15 @@ impl Session<'_> {
             choice,
             self.replayable_unit().map(Resend::BeforeCompletion),
         ))
+    }
+
+    /// Tells the client why it is disconnected between transactions.
+    async fn interrupted(&mut self, why: Interrupt) -> DisconnectReason {
+        match why {
+            Interrupt::Drain => self.client.shutting_down().await,
+            Interrupt::Killed => self.killed().await,
+            Interrupt::Removed => self.client.database_removed(&self.pool.database).await,
+        }
     }
 
     /// KILL, or the end of the drain (shutdown_timeout, SIGINT) reaching this client.

@@ -183,7 +183,11 @@ fn plainly_none(b: &[u8]) -> bool {
     let select = eq(first, "select") || eq(first, "with");
     let ends_with =
         |k: usize, word: &[u8]| k >= word.len() && b[k - word.len()..k].eq_ignore_ascii_case(word);
-    for k in i..b.len() {
+    // Only `;`, `_` and (after SELECT or WITH) `i` need a look: jump between them.
+    let stops = if select { &STOPS_SELECT } else { &STOPS };
+    let mut k = i;
+    while let Some(off) = b[k..].iter().position(|c| stops[usize::from(*c)]) {
+        k += off;
         match b[k] {
             b';' => {
                 return b[k..].iter().all(|c| c.is_ascii_whitespace() || *c == b';');
@@ -204,9 +208,22 @@ fn plainly_none(b: &[u8]) -> bool {
             }
             _ => {}
         }
+        k += 1;
     }
     true
 }
+
+const fn stop_table(into: bool) -> [bool; 256] {
+    let mut t = [false; 256];
+    t[b';' as usize] = true;
+    t[b'_' as usize] = true;
+    t[b'i' as usize] = into;
+    t[b'I' as usize] = into;
+    t
+}
+/// The bytes [`plainly_none`] stops at.
+static STOPS: [bool; 256] = stop_table(false);
+static STOPS_SELECT: [bool; 256] = stop_table(true);
 
 /// A simple-query text that is exactly one plain `SET [SESSION] name {TO | =} value`,
 /// `SET name TO DEFAULT`, `RESET name` or `RESET ALL`, as the change PostgreSQL makes. The
@@ -216,6 +233,20 @@ fn plainly_none(b: &[u8]) -> bool {
 /// LOCAL`, `SET ROLE`, …) is `None`.
 pub fn plain_set(sql: &[u8]) -> Option<crate::params::ParamChange> {
     use crate::params::ParamChange;
+    // Most texts are refused on their first word: SET, RESET, or a comment before them.
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let lead = &sql[start..];
+    let word_is = |kw: &[u8]| {
+        lead.len() >= kw.len()
+            && lead[..kw.len()].eq_ignore_ascii_case(kw)
+            && lead
+                .get(kw.len())
+                .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_' && *b != b'$')
+    };
+    if !(word_is(b"set") || word_is(b"reset") || lead.starts_with(b"/*") || lead.starts_with(b"--"))
+    {
+        return None;
+    }
     let mut lx = Lexer {
         b: sql,
         i: 0,
@@ -934,6 +965,13 @@ mod tests {
         assert!(plainly_none(b"UPDATE t SET x = 1 WHERE id = 2"));
         assert!(!plainly_none(b"select 1; set work_mem = 1"));
         assert!(!plainly_none(b"SELECT PG_TRY_ADVISORY_LOCK(1)"));
+        // The jumps between stop bytes see the first and the last byte too.
+        assert!(!plainly_none(b"select x from t into"));
+        assert!(!plainly_none(b"select 1;x"));
+        assert!(plainly_none(b"update t set a_b = 1 where c_d = 2 ;  "));
+        assert!(!plainly_none(
+            b"update t set x = 1 where pg_advisory_unlock(1)"
+        ));
     }
 
     #[test]
@@ -973,7 +1011,14 @@ mod tests {
             Some(Reset("client_min_messages".into()))
         );
         assert_eq!(p("reset all"), Some(ResetAll));
+        // The first-word check in front of the lexer lets comments and odd spacing through.
+        assert_eq!(p("/* app */ SET work_mem = 1"), set("work_mem", "1"));
+        assert_eq!(p("-- x\n\tReSeT all"), Some(ResetAll));
+        assert_eq!(p("SET\nwork_mem=1"), set("work_mem", "1"));
         for no in [
+            "SETTINGS x = 1",
+            "set_config x = 1",
+            "RESETS all",
             "SET LOCAL work_mem = 1",
             "SET search_path = a, b",
             "SET x = 'it''s'",
