@@ -710,7 +710,7 @@ if scen_on idle10k; then
 fi
 if scen_on logins; then
     echo
-    echo "$LOGINS SCRAM logins at once (client caches its PBKDF2 per salt; see benches/scram_logins.py):"
+    echo "$LOGINS SCRAM logins at once (client caches its PBKDF2 per salt, 2 client processes; see benches/scram_logins.py):"
     for target in pgmux pgbouncer; do
         [ -n "${L_LINE[$target]:-}" ] || continue
         printf '%-10s %s\n' "$target" "${L_LINE[$target]}"
