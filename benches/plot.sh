@@ -7,7 +7,9 @@ CSV="$1"; OUT="$2"; MODE="${3:-simple}"
 command -v gnuplot >/dev/null || { echo "gnuplot missing: apt-get install -y gnuplot-nox" >&2; exit 1; }
 TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
 for t in pgmux pgbouncer direct; do
-    awk -F, -v t="$t" -v m="$MODE" '$1 == t && $2 == m && $4 != "" { print $3, $4, $7 }' "$CSV" |
+    # Sweep rows only (column 10 "sweep"; files from before that column have none): the
+    # scenario rows of the same run (select50, single, ...) would add a second point.
+    awk -F, -v t="$t" -v m="$MODE" '$1 == t && $2 == m && $4 != "" && ($10 == "" || $10 == "sweep") { print $3, $4, $7 }' "$CSV" |
         sort -n >"$TMP/$t.dat"
 done
 gnuplot <<GP

@@ -512,10 +512,15 @@ impl Pool {
                     // Boxed: connect + login is a large future, needed only when a
                     // connection is opened; inline it would size every waiting (and so
                     // every idle) client's task for it.
-                    match Box::pin(self.open(Some((deadline, wait)))).await {
+                    // The server boxed at once: a `Result<Server, _>` alive across the
+                    // retry sleep below would add its ~540 bytes to this future.
+                    let opened = Box::pin(self.open(Some((deadline, wait))))
+                        .await
+                        .map(Box::new);
+                    match opened {
                         Ok(s) => {
                             self.record_wait(start);
-                            return Ok(PooledServer::new(self.clone(), Box::new(s)));
+                            return Ok(PooledServer::new(self.clone(), s));
                         }
                         Err(PoolError::Retry) => continue,
                         Err(PoolError::Connect(e)) if e.is_transient() => {

@@ -1147,7 +1147,7 @@ async fn interrupted(
     why
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     async fn serve(&mut self) -> DisconnectReason {
         let max = self.cfg.max_message_size;
         let mut retries = 0;
@@ -1279,7 +1279,9 @@ impl Session<'_> {
                     };
                 }
             };
-            match self.link(server, choice, replay).await {
+            // Boxed: the link (the forwarding loop's select) is the largest state of this
+            // future; inline, every idle client's task would be sized for it.
+            match Box::pin(self.link(server, choice, replay)).await {
                 LinkEnd::Released => retries = 0,
                 LinkEnd::Ended(reason) => return reason,
                 LinkEnd::Retry(_) if was_pinned => {
@@ -1389,7 +1391,7 @@ impl Session<'_> {
                 self.client_mark,
             );
             if let Target::Replica(i) = choice.target {
-                match set.pools[i].checkout(wait).await {
+                match Box::pin(set.pools[i].checkout(wait)).await {
                     Ok(s) => {
                         let replay = self.replayable_unit().map(Resend::Answer);
                         return Ok((s, choice, replay));
@@ -1407,7 +1409,8 @@ impl Session<'_> {
                 }
             }
         }
-        let server = self.pool.checkout(wait).await?;
+        // Boxed, like the link: an idle client's task is not sized for a pool wait.
+        let server = Box::pin(self.pool.checkout(wait)).await?;
         Ok((
             server,
             choice,
@@ -1442,142 +1445,144 @@ impl Session<'_> {
             .map(|n| Bytes::copy_from_slice(&rbuf[..n]))
     }
 
-    async fn link(
-        &mut self,
+    // Not an `async fn`: an async fn's future keeps its arguments twice (as passed, and
+    // moved into its body), an `async move` block once. The link's future is boxed for
+    // every transaction (see `serve`), and this keeps it under 1 KiB, where the
+    // allocator serves it from its per-thread cache.
+    #[allow(clippy::manual_async_fn)]
+    fn link<'s>(
+        &'s mut self,
         mut server: PooledServer,
         choice: Choice,
         replay: Option<Resend>,
-    ) -> LinkEnd {
-        let replica = match (&self.replicas, choice.target) {
-            (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
-            _ => None,
-        };
-        if let Some(sql) = self.params.sync_sql(&server.params) {
-            match server.simple_query(&sql).await {
-                Ok(None) => {
-                    for (k, v) in self.params.after_sync(&mut server.params) {
-                        msg::parameter_status(&mut self.client.wbuf, k, &v);
+    ) -> impl std::future::Future<Output = LinkEnd> + use<'s, 'a> {
+        async move {
+            let replica = match (&self.replicas, choice.target) {
+                (Some(set), Target::Replica(i)) => Some(set.topology.replicas[i].clone()),
+                _ => None,
+            };
+            if let Some(sql) = self.params.sync_sql(&server.params) {
+                match server.simple_query(&sql).await {
+                    Ok(None) => {
+                        for (k, v) in self.params.after_sync(&mut server.params) {
+                            msg::parameter_status(&mut self.client.wbuf, k, &v);
+                        }
                     }
-                }
-                Ok(Some(err)) => {
-                    msg::error_response_from_fields(&mut self.client.wbuf, &err, Severity::Fatal);
-                    let _ = self.client.flush().await;
-                    return LinkEnd::Ended(DisconnectReason::LoginFailed);
-                }
-                Err(_) => {
-                    // Nothing of the client's was sent yet: route the unit again.
-                    server.dirty = true;
-                    server.peer_closed = true;
-                    if let (Some(r), Some(set)) = (&replica, &self.replicas) {
-                        set.topology.lost_before_answer(r);
+                    Ok(Some(err)) => {
+                        msg::error_response_from_fields(
+                            &mut self.client.wbuf,
+                            &err,
+                            Severity::Fatal,
+                        );
+                        let _ = self.client.flush().await;
+                        return LinkEnd::Ended(DisconnectReason::LoginFailed);
                     }
-                    return LinkEnd::Retry(Bytes::new());
+                    Err(_) => {
+                        // Nothing of the client's was sent yet: route the unit again.
+                        server.dirty = true;
+                        server.peer_closed = true;
+                        if let (Some(r), Some(set)) = (&replica, &self.replicas) {
+                            set.topology.lost_before_answer(r);
+                        }
+                        return LinkEnd::Retry(Bytes::new());
+                    }
                 }
             }
-        }
-        self.registration.slot.link(&server.cancel);
-        if let Some(r) = &replica {
-            r.outstanding.fetch_add(1, Ordering::Relaxed);
-        }
-        let started = std::time::Instant::now();
-        let server_entry = server.entry.clone();
-        if let Some(e) = &server_entry {
-            e.link(self.entry.id);
-        }
-        self.entry.linked(server.id, server.cancel.pid);
-        let readies = server.readies;
-        let pool = server.pool().clone();
-        let end = self
-            .forward(&mut server, &pool, replica.is_some(), replay)
-            .await;
-        self.registration.slot.unlink().await;
-        self.entry.idle();
-        let stats = &pool.stats;
-        if let Some(e) = &server_entry {
-            e.prepared.store(server.statements.len(), Ordering::Relaxed);
-            e.link(0);
-        }
-        stats
-            .queries
-            .fetch_add(server.readies - readies, Ordering::Relaxed);
-        if matches!(end, LinkEnd::Released) {
-            let took = started.elapsed();
-            stats.transactions.fetch_add(1, Ordering::Relaxed);
-            stats
-                .xact_us
-                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-            pool.histograms.transaction.record(took.as_secs_f64());
-        }
-        if self.pin.is_some() && replica.is_none() && matches!(end, LinkEnd::Released) {
-            // Kept for this client's next transactions; closed when it disconnects.
+            self.registration.slot.link(&server.cancel);
+            if let Some(r) = &replica {
+                r.outstanding.fetch_add(1, Ordering::Relaxed);
+            }
+            let started = std::time::Instant::now();
+            let server_entry = server.entry.clone();
             if let Some(e) = &server_entry {
                 e.link(self.entry.id);
             }
-            // Marked here too: a unit retried after its server died runs again on a new
-            // one, where it is not looked for once the pin was asked for.
-            server.session_state = true;
-            self.pinned = Some(server);
-        } else {
-            drop(server);
-        }
-        if let LinkEnd::Retry(_) = end {
-            pool.stats.retried.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(db = %pool.database, user = %pool.user, "server died before answering; the unit runs again on another server");
-        }
-        if let Some(set) = &self.replicas {
-            let stats = &set.topology.stats;
-            match &replica {
-                Some(r) => {
-                    r.outstanding.fetch_sub(1, Ordering::Relaxed);
-                    if let LinkEnd::Retry(_) = end {
-                        set.topology.lost_before_answer(r);
-                        return end;
-                    }
-                    r.transactions.fetch_add(1, Ordering::Relaxed);
-                    stats.replica.fetch_add(1, Ordering::Relaxed);
+            self.entry.linked(server.id, server.cancel.pid);
+            let readies = server.readies;
+            let pool = server.pool().clone();
+            let mut counters = LinkCounters::default();
+            let end = self
+                .forward(&mut server, &pool, replica.is_some(), replay, &mut counters)
+                .await;
+            self.count_link(&mut server, &pool, replica.is_some(), &counters);
+            self.registration.slot.unlink().await;
+            self.entry.idle();
+            let stats = &pool.stats;
+            if let Some(e) = &server_entry {
+                e.prepared.store(server.statements.len(), Ordering::Relaxed);
+                e.link(0);
+            }
+            stats
+                .queries
+                .fetch_add(server.readies - readies, Ordering::Relaxed);
+            if matches!(end, LinkEnd::Released) {
+                let took = started.elapsed();
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .xact_us
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                pool.histograms.transaction.record(took.as_secs_f64());
+            }
+            if self.pin.is_some() && replica.is_none() && matches!(end, LinkEnd::Released) {
+                // Kept for this client's next transactions; closed when it disconnects.
+                if let Some(e) = &server_entry {
+                    e.link(self.entry.id);
                 }
-                None => {
-                    if let LinkEnd::Retry(_) = end {
-                        return end;
+                // Marked here too: a unit retried after its server died runs again on a new
+                // one, where it is not looked for once the pin was asked for.
+                server.session_state = true;
+                self.pinned = Some(server);
+            } else {
+                drop(server);
+            }
+            if let LinkEnd::Retry(_) = end {
+                pool.stats.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(db = %pool.database, user = %pool.user, "server died before answering; the unit runs again on another server");
+            }
+            if let Some(set) = &self.replicas {
+                let stats = &set.topology.stats;
+                match &replica {
+                    Some(r) => {
+                        r.outstanding.fetch_sub(1, Ordering::Relaxed);
+                        if let LinkEnd::Retry(_) = end {
+                            set.topology.lost_before_answer(r);
+                            return end;
+                        }
+                        r.transactions.fetch_add(1, Ordering::Relaxed);
+                        stats.replica.fetch_add(1, Ordering::Relaxed);
                     }
-                    stats.primary.fetch_add(1, Ordering::Relaxed);
+                    None => {
+                        if let LinkEnd::Retry(_) = end {
+                            return end;
+                        }
+                        stats.primary.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // After a write the scope's reads wait for a replica that replayed it. Taken
+                // before the client sees the commit (its reply is flushed after this).
+                if replica.is_none() && choice.writes {
+                    let mark = set.topology.wal.mark();
+                    match self.cfg.read_your_writes {
+                        ReadYourWrites::User => set.writes.record(mark),
+                        ReadYourWrites::Client => self.client_mark = self.client_mark.max(mark),
+                        ReadYourWrites::Off => {}
+                    }
                 }
             }
-            // After a write the scope's reads wait for a replica that replayed it. Taken
-            // before the client sees the commit (its reply is flushed after this).
-            if replica.is_none() && choice.writes {
-                let mark = set.topology.wal.mark();
-                match self.cfg.read_your_writes {
-                    ReadYourWrites::User => set.writes.record(mark),
-                    ReadYourWrites::Client => self.client_mark = self.client_mark.max(mark),
-                    ReadYourWrites::Off => {}
-                }
-            }
+            end
         }
-        end
     }
 
-    /// Forwards both ways until the server can be released or one side ends.
-    /// `one_unit`: the server was chosen for one unit of work at a time (a replica): the
-    /// client's next unit waits until this one's transaction is over, so that it is
-    /// routed on its own.
-    ///
-    /// `replay`: the first unit's bytes, when it may run again elsewhere. Its answer is
-    /// held back until complete (up to [`HOLD_LIMIT`]); if the server dies before that,
-    /// the link ends with [`LinkEnd::Retry`] and the client sees nothing of it. A unit on a
-    /// replica has no side effects (a hot standby cannot write), so running it again is
-    /// safe.
-    async fn forward(
+    /// Folds a link's counters into its pool's statistics (and reports the session
+    /// state it saw). Separate from [`Self::forward`], and not an async wrapper around it:
+    /// a wrapper future would repeat `forward`'s arguments in the link's future.
+    fn count_link(
         &mut self,
         server: &mut Server,
         pool: &Pool,
         one_unit: bool,
-        replay: Option<Resend>,
-    ) -> LinkEnd {
-        let mut counters = LinkCounters::default();
-        let end = self
-            .forward_counted(server, pool, one_unit, replay, &mut counters)
-            .await;
+        counters: &LinkCounters,
+    ) {
         let stats = &pool.stats;
         stats
             .bytes_received
@@ -1597,7 +1602,6 @@ impl Session<'_> {
         if let Some(f) = counters.state_found {
             self.session_state_seen(pool, f, counters.state_count, one_unit);
         }
-        end
     }
 
     /// Counts and logs session-state statements seen during a link, and asks for the
@@ -1643,7 +1647,17 @@ impl Session<'_> {
         }
     }
 
-    async fn forward_counted(
+    /// Forwards both ways until the server can be released or one side ends.
+    /// `one_unit`: the server was chosen for one unit of work at a time (a replica): the
+    /// client's next unit waits until this one's transaction is over, so that it is
+    /// routed on its own.
+    ///
+    /// `replay`: the first unit's bytes, when it may run again elsewhere. Its answer is
+    /// held back until complete (up to [`HOLD_LIMIT`]); if the server dies before that,
+    /// the link ends with [`LinkEnd::Retry`] and the client sees nothing of it. A unit on a
+    /// replica has no side effects (a hot standby cannot write), so running it again is
+    /// safe.
+    async fn forward(
         &mut self,
         server: &mut Server,
         pool: &Pool,
