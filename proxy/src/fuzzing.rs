@@ -30,6 +30,7 @@ use crate::protocol::{CANCEL_REQUEST, GSSENC_REQUEST, MAX_STARTUP_PACKET, SSL_RE
 use crate::relay::{self, Pump, StateCheck};
 use crate::router::Router;
 use crate::routing::{self, Unit};
+use crate::session::{sort_startup, Startup};
 
 /// `max_message_size` the frontend target runs with: small, so that lengths written by
 /// mutations (0x7fffffff …) hit the limit check rather than wait for bytes forever.
@@ -121,25 +122,18 @@ fn startup_round_trip(version: i32, p: &[(String, String)]) {
     assert!(packet.is_empty());
 }
 
-/// The parameter handling of `session::login` after the packet was split.
+/// The parameter handling of `session::login` after the packet was split (the sorting
+/// is login's own `sort_startup`).
 fn startup_settings(startup: Vec<(String, String)>, server: &mut ServerParams) {
-    let mut user = None;
-    let mut database = None;
-    let mut requested = Vec::new();
-    let mut unknown_protocol_options = Vec::new();
-    for (k, v) in startup {
-        match k.as_str() {
-            "user" => user = Some(v),
-            "database" => database = Some(v),
-            "replication" => {}
-            "options" => match params::parse_options(&v) {
-                Ok(list) => requested.extend(list),
-                Err(e) => error_round_trip(&e),
-            },
-            _ if k.starts_with("_pq_.") => unknown_protocol_options.push(k),
-            _ => requested.push((k, v)),
-        }
-    }
+    let Startup {
+        user,
+        database,
+        requested,
+        unknown_protocol_options,
+    } = match sort_startup(startup) {
+        Ok(s) => s,
+        Err(text) => return error_round_trip(&text),
+    };
     let mut wbuf = BytesMut::new();
     msg::negotiate_protocol_version(&mut wbuf, 0, &unknown_protocol_options);
     assert_one_frame(&wbuf);

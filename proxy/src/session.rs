@@ -224,6 +224,42 @@ impl Client {
     }
 }
 
+/// A StartupMessage's parameters, sorted by what login does with them.
+pub(crate) struct Startup {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    /// Settings for the session: the packet's own and those of `options`.
+    pub requested: Vec<(String, String)>,
+    /// `_pq_.` protocol options, which pgmux does not know (NegotiateProtocolVersion).
+    pub unknown_protocol_options: Vec<String>,
+}
+
+/// Sorts a StartupMessage's parameters; `Err` is the message of a FATAL
+/// (FEATURE_NOT_SUPPORTED): a replication connection, or `options` pgmux cannot read.
+/// Shared with the fuzz target (`fuzzing.rs`).
+pub(crate) fn sort_startup(params: Vec<(String, String)>) -> Result<Startup, String> {
+    let mut s = Startup {
+        user: None,
+        database: None,
+        requested: Vec::new(),
+        unknown_protocol_options: Vec::new(),
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => s.user = Some(v),
+            "database" => s.database = Some(v),
+            "replication" if v != "false" && v != "off" && v != "0" => {
+                return Err("replication connections are not supported through pgmux".into());
+            }
+            "replication" => {}
+            "options" => s.requested.extend(params::parse_options(&v)?),
+            _ if k.starts_with("_pq_.") => s.unknown_protocol_options.push(k),
+            _ => s.requested.push((k, v)),
+        }
+    }
+    Ok(s)
+}
+
 /// Entry point for an accepted connection.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
@@ -479,38 +515,20 @@ async fn login(
     };
 
     // --- who and where
-    let mut user = None;
-    let mut database = None;
-    let mut requested = Vec::new();
-    let mut unknown_protocol_options = Vec::new();
-    for (k, v) in startup {
-        match k.as_str() {
-            "user" => user = Some(v),
-            "database" => database = Some(v),
-            "replication" if v != "false" && v != "off" && v != "0" => {
-                client
-                    .fail(
-                        Severity::Fatal,
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "replication connections are not supported through pgmux",
-                    )
-                    .await;
-                return Err(LoginFailed);
-            }
-            "replication" => {}
-            "options" => match params::parse_options(&v) {
-                Ok(list) => requested.extend(list),
-                Err(e) => {
-                    client
-                        .fail(Severity::Fatal, sqlstate::FEATURE_NOT_SUPPORTED, &e)
-                        .await;
-                    return Err(LoginFailed);
-                }
-            },
-            _ if k.starts_with("_pq_.") => unknown_protocol_options.push(k),
-            _ => requested.push((k, v)),
+    let Startup {
+        user,
+        database,
+        requested,
+        unknown_protocol_options,
+    } = match sort_startup(startup) {
+        Ok(s) => s,
+        Err(text) => {
+            client
+                .fail(Severity::Fatal, sqlstate::FEATURE_NOT_SUPPORTED, &text)
+                .await;
+            return Err(LoginFailed);
         }
-    }
+    };
     let Some(user) = user.filter(|u| !u.is_empty()) else {
         client
             .fail(
@@ -2034,6 +2052,43 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_parameters_are_sorted_as_login_needs_them() {
+        let p = |list: &[(&str, &str)]| {
+            sort_startup(
+                list.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let s = p(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "app"),
+            ("options", "-c work_mem=7MB"),
+            ("_pq_.x", "1"),
+            ("replication", "off"),
+        ])
+        .expect("a plain login");
+        assert_eq!(s.user.as_deref(), Some("u"));
+        assert_eq!(s.database.as_deref(), Some("d"));
+        assert_eq!(
+            s.requested,
+            vec![
+                ("application_name".to_string(), "app".to_string()),
+                ("work_mem".to_string(), "7MB".to_string()),
+            ]
+        );
+        assert_eq!(s.unknown_protocol_options, vec!["_pq_.x".to_string()]);
+        assert_eq!(
+            p(&[("user", "u"), ("replication", "database")])
+                .err()
+                .as_deref(),
+            Some("replication connections are not supported through pgmux")
+        );
+        assert!(p(&[("user", "u"), ("options", "-c")]).is_err());
+    }
 
     #[test]
     fn early_answer_tells_death_from_completion() {
