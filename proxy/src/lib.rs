@@ -454,7 +454,7 @@ impl Proxy {
             }
         }
         // Sessions wait for the drain on their registry entry's waker (see
-        // `ClientEntry::drain_started`).
+        // `ClientEntry::interrupted`).
         for c in shared.client_list.iter() {
             c.wake();
         }

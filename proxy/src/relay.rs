@@ -613,14 +613,9 @@ enum StatementCommand {
 fn statement_command(body: &[u8]) -> Option<StatementCommand> {
     // Nearly every query is neither: refused on its first word, before the text is
     // looked at further (1 in 3 of a pgbench transaction's instructions went here).
-    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    let word = &body[start..];
-    let first_is = |kw: &[u8]| {
-        word.len() > kw.len()
-            && word[..kw.len()].eq_ignore_ascii_case(kw)
-            && (word[kw.len()].is_ascii_whitespace() || matches!(word[kw.len()], b';' | 0))
-    };
-    if !first_is(b"discard") && !first_is(b"deallocate") {
+    if !sessionstate::first_word_is(body, b"discard")
+        && !sessionstate::first_word_is(body, b"deallocate")
+    {
         return None;
     }
     let (sql, _) = cstr(body)?;

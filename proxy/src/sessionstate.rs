@@ -225,6 +225,18 @@ const fn stop_table(into: bool) -> [bool; 256] {
 static STOPS: [bool; 256] = stop_table(false);
 static STOPS_SELECT: [bool; 256] = stop_table(true);
 
+/// Whether the first word of `sql` (after leading whitespace) is `kw`, in any case, ended
+/// by a byte that cannot continue an identifier (or by the end). A cheap refusal before
+/// a text is looked at further; comments in front are not skipped.
+pub(crate) fn first_word_is(sql: &[u8], kw: &[u8]) -> bool {
+    let lead = sql.trim_ascii_start();
+    lead.len() >= kw.len()
+        && lead[..kw.len()].eq_ignore_ascii_case(kw)
+        && lead
+            .get(kw.len())
+            .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_' && *b != b'$')
+}
+
 /// A simple-query text that is exactly one plain `SET [SESSION] name {TO | =} value`,
 /// `SET name TO DEFAULT`, `RESET name` or `RESET ALL`, as the change PostgreSQL makes. The
 /// name is an identifier (dotted for custom parameters), folded to lowercase; the value
@@ -234,16 +246,11 @@ static STOPS_SELECT: [bool; 256] = stop_table(true);
 pub fn plain_set(sql: &[u8]) -> Option<crate::params::ParamChange> {
     use crate::params::ParamChange;
     // Most texts are refused on their first word: SET, RESET, or a comment before them.
-    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
-    let lead = &sql[start..];
-    let word_is = |kw: &[u8]| {
-        lead.len() >= kw.len()
-            && lead[..kw.len()].eq_ignore_ascii_case(kw)
-            && lead
-                .get(kw.len())
-                .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_' && *b != b'$')
-    };
-    if !(word_is(b"set") || word_is(b"reset") || lead.starts_with(b"/*") || lead.starts_with(b"--"))
+    let lead = sql.trim_ascii_start();
+    if !(first_word_is(sql, b"set")
+        || first_word_is(sql, b"reset")
+        || lead.starts_with(b"/*")
+        || lead.starts_with(b"--"))
     {
         return None;
     }
