@@ -1037,8 +1037,8 @@ mod tests {
         let f = Fake::new();
         let metrics = Arc::new(Metrics::new());
         let h = metrics.pool_histograms("app", "u", Role::Primary);
-        h.query.record(0.002);
-        h.query.record(0.3);
+        h.query.record(std::time::Duration::from_millis(2));
+        h.query.record(std::time::Duration::from_millis(300));
         let req = axum::http::Request::builder().uri("/metrics");
         let r = send_with(&f, metrics, REMOTE, req, "").await;
         assert_eq!(r.status, StatusCode::OK);

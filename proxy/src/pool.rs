@@ -556,7 +556,7 @@ impl Pool {
         self.stats
             .wait_us
             .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        self.histograms.wait.record(waited.as_secs_f64());
+        self.histograms.wait.record(waited);
     }
 
     /// Opens a server with a slot already counted in `total`. At the node's

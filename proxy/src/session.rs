@@ -1539,7 +1539,7 @@ impl<'a> Session<'a> {
                 stats
                     .xact_us
                     .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-                pool.histograms.transaction.record(took.as_secs_f64());
+                pool.histograms.transaction.record(took);
             }
             if self.pin.is_some() && replica.is_none() && matches!(end, LinkEnd::Released) {
                 // Kept for this client's next transactions; closed when it disconnects.
@@ -1933,7 +1933,7 @@ impl<'a> Session<'a> {
                             counters.query_us +=
                                 took.as_micros() as u64 * (server.readies - readies);
                             for _ in readies..server.readies {
-                                histograms.query.record(took.as_secs_f64());
+                                histograms.query.record(took);
                             }
                         }
                         if !server.expect.is_empty() {
