@@ -212,10 +212,10 @@ impl ClientEntry {
     }
 
     /// What ends a session between transactions, if anything has happened yet: the
-    /// drain (`shutdown` cancelled), KILL, or a reload that removed the database, looked
-    /// at in that order.
-    fn interrupt(&self, shutdown: &tokio_util::sync::CancellationToken) -> Option<Interrupt> {
-        if shutdown.is_cancelled() {
+    /// drain (`draining`, see [`crate::Shared::draining`]), KILL, or a reload that
+    /// removed the database, looked at in that order.
+    fn interrupt(&self, draining: &AtomicBool) -> Option<Interrupt> {
+        if draining.load(Ordering::Acquire) {
             Some(Interrupt::Drain)
         } else if self.killed.load(Ordering::Acquire) {
             Some(Interrupt::Killed)
@@ -229,18 +229,18 @@ impl ClientEntry {
     /// Resolves with the first [`Interrupt`]. One future and one waker registration for
     /// the three (a session waits on it every time it goes idle). The drain is seen
     /// through the entry's waker, which [`crate::Proxy::run`] wakes for every client
-    /// when the drain starts, rather than by waiting on the token itself, which locks
+    /// when the drain starts, rather than by waiting on the shutdown token, which locks
     /// the token's mutex twice (enqueue, dequeue) per wait.
     pub fn interrupted<'a>(
         &'a self,
-        shutdown: &'a tokio_util::sync::CancellationToken,
+        draining: &'a AtomicBool,
     ) -> impl std::future::Future<Output = Interrupt> + 'a {
         std::future::poll_fn(move |cx| {
-            if let Some(i) = self.interrupt(shutdown) {
+            if let Some(i) = self.interrupt(draining) {
                 return Poll::Ready(i);
             }
             self.waker.register(cx.waker());
-            match self.interrupt(shutdown) {
+            match self.interrupt(draining) {
                 Some(i) => Poll::Ready(i),
                 None => Poll::Pending,
             }

@@ -47,7 +47,7 @@ pub mod sockio;
 pub mod tcp;
 pub mod tls;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// SIGINT: the drain does not wait for transactions (set before `shutdown` fires).
     pub fast_shutdown: std::sync::atomic::AtomicBool,
+    /// The drain has begun: set by [`Proxy::run`] when `shutdown` fires, before it wakes
+    /// every client. Sessions look at this flag between transactions rather than at the
+    /// token, whose `is_cancelled` locks a mutex.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Classifies SQL as read-only or not, for read routing.
     pub router: Router,
     /// Per database with replicas: health and replay positions.
@@ -145,6 +149,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
             fast_shutdown: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             verifiers: DashMap::new(),
             mock_secret,
             metrics,
@@ -454,7 +459,9 @@ impl Proxy {
             }
         }
         // Sessions wait for the drain on their registry entry's waker (see
-        // `ClientEntry::interrupted`).
+        // `ClientEntry::interrupted`), and see it in `draining`: set before the wake-ups,
+        // so a client that registers after them finds it set.
+        shared.draining.store(true, Ordering::Release);
         for c in shared.client_list.iter() {
             c.wake();
         }

@@ -452,8 +452,11 @@ impl Pool {
     /// Waits up to `wait` for a server: an idle one, a new one (below the limit), or the
     /// next one released, in FIFO order with other waiters.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<PooledServer, PoolError> {
-        let start = Instant::now();
-        let deadline = tokio::time::Instant::now() + wait;
+        // The clock is read only once the checkout has to wait (or open a server): an
+        // idle server taken at once counts as no wait.
+        let mut began: Option<(Instant, tokio::time::Instant)> = None;
+        let mut start =
+            || *began.get_or_insert_with(|| (Instant::now(), tokio::time::Instant::now() + wait));
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         loop {
             enum Next {
@@ -477,7 +480,7 @@ impl Pool {
             let handoff = match next {
                 Next::Ready(s) => Handoff::Server(s),
                 Next::Connect => Handoff::Slot,
-                Next::Wait(mut rx) => match tokio::time::timeout_at(deadline, &mut rx).await {
+                Next::Wait(mut rx) => match tokio::time::timeout_at(start().1, &mut rx).await {
                     Ok(Ok(h)) => h,
                     Ok(Err(_)) => continue,
                     Err(_) => {
@@ -501,11 +504,14 @@ impl Pool {
                         continue;
                     }
                     // Boxed: only a server idle past the delay pays for the future.
-                    if self.needs_check(&s) && !Box::pin(self.passes_check(&mut s)).await {
-                        self.close(s, CloseReason::CheckFailed);
-                        continue;
+                    if self.needs_check(&s) {
+                        start();
+                        if !Box::pin(self.passes_check(&mut s)).await {
+                            self.close(s, CloseReason::CheckFailed);
+                            continue;
+                        }
                     }
-                    self.record_wait(start);
+                    self.record_wait(began.map(|b| b.0));
                     return Ok(PooledServer::new(self.clone(), s));
                 }
                 Handoff::Slot => {
@@ -514,12 +520,13 @@ impl Pool {
                     // every idle) client's task for it.
                     // The server boxed at once: a `Result<Server, _>` alive across the
                     // retry sleep below would add its ~540 bytes to this future.
+                    let deadline = start().1;
                     let opened = Box::pin(self.open(Some((deadline, wait))))
                         .await
                         .map(Box::new);
                     match opened {
                         Ok(s) => {
-                            self.record_wait(start);
+                            self.record_wait(began.map(|b| b.0));
                             return Ok(PooledServer::new(self.clone(), s));
                         }
                         Err(PoolError::Retry) => continue,
@@ -551,8 +558,9 @@ impl Pool {
         rx
     }
 
-    fn record_wait(&self, start: Instant) {
-        let waited = start.elapsed();
+    /// Counts a checkout's wait; `start` None: it did not wait.
+    fn record_wait(&self, start: Option<Instant>) {
+        let waited = start.map_or(Duration::ZERO, |s| s.elapsed());
         self.stats
             .wait_us
             .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
@@ -695,14 +703,14 @@ impl Pool {
     /// Whether `server` has outlived server_lifetime. Each server gets its own limit,
     /// up to 10% shorter (from its id), so servers opened together are not all closed
     /// together.
-    fn too_old(&self, server: &Server) -> bool {
+    fn too_old(&self, server: &Server, now: Instant) -> bool {
         let ms = self.lifetime_ms.load(Ordering::Relaxed);
         if ms == 0 {
             return false;
         }
         let spread = (server.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as f64 / 1024.0;
         let limit = Duration::from_millis(ms).mul_f64(1.0 - 0.1 * spread);
-        server.created.elapsed() >= limit
+        now.saturating_duration_since(server.created) >= limit
     }
 
     pub fn set_login_retry(&self, retry: Duration) {
@@ -785,11 +793,12 @@ impl Pool {
             self.close(server, CloseReason::Reconnect);
             return;
         }
-        if self.too_old(&server) {
+        let now = Instant::now();
+        if self.too_old(&server, now) {
             self.close(server, CloseReason::Lifetime);
             return;
         }
-        server.last_used = Instant::now();
+        server.last_used = now;
         let mut g = self.lock();
         if g.total > self.max_size.load(Ordering::Relaxed) {
             g.total -= 1;
@@ -990,7 +999,7 @@ impl Pool {
                 // Terminated from outside while idle (pg_terminate_backend, a restart):
                 // replaced by fill_to_min when min_pool_size wants it.
                 old.push((g.idle.remove(i), CloseReason::KilledByServer));
-            } else if self.too_old(&g.idle[i]) {
+            } else if self.too_old(&g.idle[i], now) {
                 // Replaced by fill_to_min when min_pool_size wants it.
                 old.push((g.idle.remove(i), CloseReason::Lifetime));
             } else {

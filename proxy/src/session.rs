@@ -20,7 +20,7 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -1027,6 +1027,9 @@ struct LinkCounters {
     to_server: u64,
     from_server: u64,
     query_us: u64,
+    /// When the last ReadyForQuery arrived: the end of the transaction when the server
+    /// is released (one clock read fewer per transaction).
+    last_ready: Option<std::time::Instant>,
     /// Session-state statements seen (the first one's kind, and how many).
     state_found: Option<Feature>,
     state_count: u64,
@@ -1072,11 +1075,17 @@ impl Resend {
     }
 }
 
-/// Whether `r` may still be sent again, its first write having been at `sent`.
-fn resend_allowed(r: &Resend, sent: Option<std::time::Instant>) -> bool {
+/// Whether `r` may still be sent again at `now`, its first write having been at `sent`.
+fn resend_allowed(
+    r: &Resend,
+    sent: Option<std::time::Instant>,
+    now: impl FnOnce() -> std::time::Instant,
+) -> bool {
     match r {
         Resend::Answer(_) => true,
-        Resend::BeforeCompletion(_) => sent.is_none_or(|t| t.elapsed() <= RESEND_WINDOW),
+        Resend::BeforeCompletion(_) => {
+            sent.is_none_or(|t| now().saturating_duration_since(t) <= RESEND_WINDOW)
+        }
     }
 }
 
@@ -1149,12 +1158,8 @@ const FIRST_TRANSACTION_GRACE: std::time::Duration = std::time::Duration::from_s
 /// Resolves when something ends a client that is between transactions (see
 /// [`ClientEntry::interrupted`]). The drain reaches a client that has run a transaction
 /// at once, a fresh one [`FIRST_TRANSACTION_GRACE`] later (unless KILL comes first).
-async fn interrupted(
-    entry: &ClientEntry,
-    shutdown: &tokio_util::sync::CancellationToken,
-    fresh: bool,
-) -> Interrupt {
-    let why = entry.interrupted(shutdown).await;
+async fn interrupted(entry: &ClientEntry, draining: &AtomicBool, fresh: bool) -> Interrupt {
+    let why = entry.interrupted(draining).await;
     if why == Interrupt::Drain && fresh {
         // Boxed: only a draining client pays for the timer, not every idle task.
         tokio::select! {
@@ -1231,7 +1236,7 @@ impl<'a> Session<'a> {
                 };
                 tokio::select! {
                     biased;
-                    why = interrupted(self.entry, &self.shared.shutdown, fresh) => return self.interrupted(why).await,
+                    why = interrupted(self.entry, &self.shared.draining, fresh) => return self.interrupted(why).await,
                     _ = expired(&mut idle_timer) => {
                         self.client.fail(Severity::Fatal, sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout (client_idle_timeout)").await;
                         return DisconnectReason::ClientIdleTimeout;
@@ -1374,7 +1379,7 @@ impl<'a> Session<'a> {
             // A client still waiting for a server when the drain starts has not begun
             // its transaction: it is told, like an idle one, and nothing runs (a fresh
             // client gets FIRST_TRANSACTION_GRACE first, as when idle).
-            why = interrupted(self.entry, &self.shared.shutdown, fresh) => Err(self.interrupted(why).await),
+            why = interrupted(self.entry, &self.shared.draining, fresh) => Err(self.interrupted(why).await),
             r = self.checkout() => Ok(r),
         }
     }
@@ -1534,7 +1539,8 @@ impl<'a> Session<'a> {
                 .queries
                 .fetch_add(server.readies - readies, Ordering::Relaxed);
             if matches!(end, LinkEnd::Released) {
-                let took = started.elapsed();
+                let end = counters.last_ready.unwrap_or_else(std::time::Instant::now);
+                let took = end.saturating_duration_since(started);
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 stats
                     .xact_us
@@ -1856,14 +1862,20 @@ impl<'a> Session<'a> {
                 // client sees only the second answer.
                 let hold = replay.is_some();
                 let to_server = &mut *to_server;
+                // Polled in order, not at random (no random number per wait): KILL and
+                // the timers first, so a busy stream cannot starve them; then writes
+                // before reads, so what is buffered leaves before more comes in. Every
+                // read adds to a buffer the writes ahead of it drain, and stops at
+                // OUT_LIMIT, so no branch stays ready for ever and the reads get polled.
                 tokio::select! {
-                    r = poll_fn(|cx| cs.poll_read_drain(rbuf, cx)), if can_read_client => Ev::ClientRead(r),
-                    r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
-                    r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() || server_flush => Ev::ServerWrite(r),
-                    r = poll_fn(|cx| cs.poll_write_buf(wbuf, cx)), if (!wbuf.is_empty() || client_flush) && !hold => Ev::ClientWrite(r),
+                    biased;
                     _ = entry.killed() => Ev::Killed,
                     _ = expired(&mut idle_tx_timer), if idle_in_tx => Ev::IdleInTransaction,
                     _ = expired(&mut query_timer), if query_running => Ev::QueryTimeout,
+                    r = poll_fn(|cx| ss.poll_write_buf(to_server, cx)), if !to_server.is_empty() || server_flush => Ev::ServerWrite(r),
+                    r = poll_fn(|cx| cs.poll_write_buf(wbuf, cx)), if (!wbuf.is_empty() || client_flush) && !hold => Ev::ClientWrite(r),
+                    r = poll_fn(|cx| ss.poll_read_drain(sbuf, cx)), if can_read_server => Ev::ServerRead(r),
+                    r = poll_fn(|cx| cs.poll_read_drain(rbuf, cx)), if can_read_client => Ev::ClientRead(r),
                 }
             };
             match ev {
@@ -1883,7 +1895,7 @@ impl<'a> Session<'a> {
                     let unsent = counters.to_server == 0;
                     let goodbye = early_answer(&server.buf) == Early::Death;
                     let safe = |r: &Resend| {
-                        resend_allowed(r, query_start)
+                        resend_allowed(r, query_start, std::time::Instant::now)
                             && (matches!(r, Resend::Answer(_)) || unsent || goodbye)
                     };
                     if let Some(unit) = replay.take().filter(safe) {
@@ -1902,9 +1914,12 @@ impl<'a> Session<'a> {
                 }
                 Ev::ServerRead(Ok(n)) => {
                     counters.from_server += n as u64;
+                    // One clock read for the resend window and the query durations.
+                    let mut read_at = None;
+                    let mut now = || *read_at.get_or_insert_with(std::time::Instant::now);
                     if let Some(r @ Resend::BeforeCompletion(_)) = &replay {
                         // Past the window the answer is not held any longer either.
-                        let allowed = resend_allowed(r, query_start);
+                        let allowed = resend_allowed(r, query_start, &mut now);
                         match early_answer(&server.buf) {
                             Early::Pending if allowed => continue, // held, not yet scanned
                             Early::Pending => replay = None,
@@ -1927,7 +1942,8 @@ impl<'a> Session<'a> {
                     let scanned = scan_server(server, &mut client.wbuf, params, statements);
                     if server.readies != readies {
                         // Answers complete: one query duration per ReadyForQuery.
-                        let now = std::time::Instant::now();
+                        let now = now();
+                        counters.last_ready = Some(now);
                         if let Some(t) = query_start.take() {
                             let took = now - t;
                             counters.query_us +=

@@ -974,6 +974,8 @@ mod tests {
         assert!(!plainly_none(b"SELECT PG_TRY_ADVISORY_LOCK(1)"));
         // The jumps between stop bytes see the first and the last byte too.
         assert!(!plainly_none(b"select x from t into"));
+        assert!(!plainly_none(b"select x INTO y ; "));
+        assert!(!plainly_none(b"select set_config(1); "));
         assert!(!plainly_none(b"select 1;x"));
         assert!(plainly_none(b"update t set a_b = 1 where c_d = 2 ;  "));
         assert!(!plainly_none(
