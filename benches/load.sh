@@ -275,7 +275,7 @@ start_pgmux() { # port auth_type("" = default SCRAM) max_client_conn logfile -> 
     env -u DATABASE_URL -u READ_DATABASE_URL -u PGMUX_CONFIG -u PGMUX_LISTEN \
         -u PGMUX_POOL_SIZE -u PGMUX_MAX_CLIENT_CONN -u PGMUX_AUTH_TYPE -u PGMUX_ADMIN_LISTEN \
         PGMUX_LOG="${PGMUX_LOG:-warn}" "${auth[@]}" \
-        "$PGMUX_BIN" --listen "127.0.0.1:$1" --admin-listen "127.0.0.1:$admin" \
+        "${OWN_SESSION[@]}" "$PGMUX_BIN" --listen "127.0.0.1:$1" --admin-listen "127.0.0.1:$admin" \
         --database-url "postgres://bench:benchpw@127.0.0.1:$PG_PORT/bench" \
         --pool-size "$POOL_SIZE" --max-client-conn "$3" >"$4" 2>&1 &
     STARTED_PID=$!

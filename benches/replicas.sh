@@ -339,7 +339,7 @@ start_pgmux() { # routing read_your_writes logfile -> STARTED_PID STARTED_PORT
         p="$(free_port)" || return 1
         admin="$(free_port)" || return 1
         env PGMUX_LOG=warn PGMUX_READ_ROUTING="$1" PGMUX_READ_YOUR_WRITES="$2" \
-            "$PGMUX_BIN" --listen "127.0.0.1:$p" --admin-listen "127.0.0.1:$admin" \
+            "${OWN_SESSION[@]}" "$PGMUX_BIN" --listen "127.0.0.1:$p" --admin-listen "127.0.0.1:$admin" \
             --database-url "postgres://bench:benchpw@127.0.0.1:$PG_PORT/bench" \
             --read-database-url "$READ_URLS" --pool-size "$POOL_SIZE" >"$3" 2>&1 &
         STARTED_PID=$!

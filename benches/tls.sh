@@ -95,7 +95,7 @@ MUX_PORT="$(free_port)"
 log "pgmux on $MUX_PORT (client TLS, server sslmode=require)"
 env -u DATABASE_URL -u PGMUX_CONFIG PGMUX_LOG=warn \
     PGMUX_CLIENT_TLS_CERT_FILE="$TMP/server.crt" PGMUX_CLIENT_TLS_KEY_FILE="$TMP/server.key" \
-    "$PGMUX_BIN" --listen "127.0.0.1:$MUX_PORT" --admin-listen "127.0.0.1:$(free_port)" \
+    "${OWN_SESSION[@]}" "$PGMUX_BIN" --listen "127.0.0.1:$MUX_PORT" --admin-listen "127.0.0.1:$(free_port)" \
     --database-url "postgres://bench:benchpw@127.0.0.1:$PG_PORT/bench?sslmode=require" \
     --pool-size "$POOL_SIZE" --max-client-conn 2000 >"$TMP/pgmux.log" 2>&1 &
 MUX_PID=$!
