@@ -13,9 +13,8 @@
 //!   buckets, which cost ~600 instructions per transaction on the hot path.
 //! * **Counters and gauges** already live in the proxy as atomics; [`Metrics::render`]
 //!   copies a [`Control`] snapshot into the recorder just before rendering, so there is
-//!   one source of truth and nothing is counted twice.
-//!
-//! [`Metrics::run_upkeep`] runs the recorder's own upkeep, periodically.
+//!   one source of truth and nothing is counted twice. The recorder holds no histograms,
+//!   so it needs no periodic upkeep.
 //!
 //! Labels stay bounded: database, user, role, and small fixed sets (state, reason,
 //! SQLSTATE class, replica address from the configuration).
@@ -164,10 +163,8 @@ fn labels(pairs: &[(&'static str, &str)]) -> Vec<Label> {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(BUCKETS)
-            .expect("bucket list is not empty")
-            .build_recorder();
+        // Bucket bounds are pgmux's own ([`BUCKETS`], in [`DurationHistogram`]).
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         Metrics {
             recorder,
@@ -195,11 +192,6 @@ impl Metrics {
     fn gauge(&self, name: &'static str, l: Vec<Label>) -> Gauge {
         self.recorder
             .register_gauge(&Key::from_parts(name, l), &METADATA)
-    }
-
-    /// The recorder's upkeep (the proxy's maintenance task calls it every second).
-    pub fn run_upkeep(&self) {
-        self.handle.run_upkeep();
     }
 
     /// The histogram handles of one pool.

@@ -568,8 +568,8 @@ impl Proxy {
     }
 }
 
-/// Periodic upkeep: histogram samples folded into buckets (bounded memory without
-/// scrapes), idle server reaping above min_pool_size, then opening servers up to it.
+/// Periodic upkeep: client TLS files looked at again, idle server reaping above
+/// min_pool_size, then opening servers up to it.
 /// At start-up, every server whose sslmode requires TLS gets one handshake (no login:
 /// PostgreSQL does not log a connection that closes before its startup packet), so a
 /// certificate that will not be accepted is reported at once, naming the server, not
@@ -616,7 +616,6 @@ async fn maintenance(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        shared.metrics.run_upkeep();
         shared.refresh_client_tls();
         let idle_timeout = shared.config.load().server_idle_timeout;
         for p in shared.all_pools() {
