@@ -53,6 +53,8 @@ startup_seeds = [
     startup([("user", "app"), ("options", "-x")]),
     startup([("user", "app"), ("application_name", "O'Reilly \\ \"q\"")]),
     startup([("user", "app"), ("application_name", "x'; DROP TABLE t; --")]),
+    startup([("user", "app"), ("search_path", "a', true); DROP TABLE t; --"),
+             ("temp_tablespaces", "\"T 1\", t2")]),
     startup([("user", "app"), ("myapp.tenant", "42"), ("work_mem", "4MB")]),
     startup([("user", "app"), ("session", "x"), ("time", "y"), ("names", "z")]),
     startup([("user", "app"), ("Bad-Name", "v")]),

@@ -550,3 +550,63 @@ fn track_extra_parameters_follows_search_path_when_asked() {
     ok(&mut b, "SET search_path = tenant_a, public");
     assert_eq!(pool(&px, &db)["servers"]["pinned"], 1);
 }
+
+/// A list in a startup parameter (`options=-c search_path=…`, or `search_path` itself, as
+/// JDBC's `currentSchema` sends it) is the list PostgreSQL makes of it on a direct
+/// connection, on every server the client meets, and never reaches another client; a
+/// plain `SET search_path` followed by `track_extra_parameters` is one schema, as
+/// PostgreSQL stores it.
+#[test]
+fn a_search_path_list_from_startup_stays_a_list_on_every_server() {
+    let db = TestDb::new("path_list");
+    db.setup(
+        "CREATE SCHEMA a; CREATE SCHEMA \"B c\"; \
+         CREATE TABLE a.only_in_a (v text); INSERT INTO a.only_in_a VALUES ('in a'); \
+         CREATE TABLE \"B c\".only_in_b (v text); INSERT INTO \"B c\".only_in_b VALUES ('in b')",
+    );
+    // One server: every switch between the clients re-applies or resets the path.
+    let px = db.pgmux_env(
+        &["--pool-size", "1"],
+        &[("PGMUX_TRACK_EXTRA_PARAMETERS", "search_path")],
+    );
+    let mut other = db.raw(&px);
+    let default_path = value(&mut other, "SHOW search_path");
+    let direct_port = db.cluster.primary().port;
+    for startup in [
+        [("options", "-c search_path=a,\"B\\ c\"")],
+        [("search_path", "a,\"B c\"")],
+    ] {
+        let login = |port: u16| {
+            let mut c = RawConn::connect(port);
+            c.startup(&db.user, &db.db, &startup);
+            c.scram_login(&db.user, &db.password);
+            c
+        };
+        let want = value(&mut login(direct_port), "SHOW search_path");
+        assert_eq!(want, "a,\"B c\"", "{startup:?}: PostgreSQL's own reading");
+        let mut c = login(px.port());
+        for round in 0..3 {
+            assert_eq!(
+                value(&mut c, "SHOW search_path"),
+                want,
+                "{startup:?} {round}"
+            );
+            assert_eq!(value(&mut c, "SELECT v FROM only_in_a"), "in a");
+            assert_eq!(value(&mut c, "SELECT v FROM only_in_b"), "in b");
+            assert_eq!(value(&mut other, "SHOW search_path"), default_path);
+            assert_eq!(
+                value(&mut other, "SELECT to_regclass('only_in_b') IS NULL"),
+                "t"
+            );
+        }
+    }
+    // A SET of one schema whose name needs quoting, followed across servers.
+    ok(&mut other, "SET search_path = 'B c'");
+    for _ in 0..3 {
+        let mut c = db.raw(&px);
+        assert_eq!(value(&mut c, "SHOW search_path"), default_path);
+        assert_eq!(value(&mut other, "SHOW search_path"), "\"B c\"");
+        assert_eq!(value(&mut other, "SELECT v FROM only_in_b"), "in b");
+    }
+    assert_eq!(pool(&px, &db)["totals"]["session_pins"], 0);
+}

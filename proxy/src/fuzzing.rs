@@ -172,7 +172,7 @@ fn startup_settings(startup: Vec<(String, String)>, server: &mut ServerParams) {
 fn check_sync_sql(sql: &str, client: &ClientParams) {
     use pg_query::protobuf::{a_const, VariableSetKind};
     use pg_query::NodeEnum;
-    let sets = sql.matches("SET ").count();
+    let sets = sql.matches("SET ").count() + sql.matches("set_config(").count();
     let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
         // PostgreSQL would refuse it as a whole: nothing runs.
         return;
@@ -184,6 +184,10 @@ fn check_sync_sql(sql: &str, client: &ClientParams) {
     );
     for raw in stmts {
         let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
+        if let Some(NodeEnum::SelectStmt(select)) = node {
+            check_set_config(select, sql, client);
+            continue;
+        }
         let Some(NodeEnum::VariableSetStmt(set)) = node else {
             panic!("sync SQL holds a statement other than SET/RESET: {sql:?}");
         };
@@ -219,6 +223,56 @@ fn check_sync_sql(sql: &str, client: &ClientParams) {
             set.name
         );
     }
+}
+
+/// `SELECT pg_catalog.set_config('name', 'value', false)` of a list-quoted parameter with
+/// the client's value, and nothing else.
+fn check_set_config(select: &pg_query::protobuf::SelectStmt, sql: &str, client: &ClientParams) {
+    use pg_query::protobuf::a_const;
+    use pg_query::NodeEnum;
+    let string = |n: &pg_query::protobuf::Node| match n.node.as_ref() {
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+        _ => None,
+    };
+    assert!(
+        select.from_clause.is_empty() && select.where_clause.is_none(),
+        "set_config with more than its call: {sql:?}"
+    );
+    let [target] = select.target_list.as_slice() else {
+        panic!("sync SELECT with other than one column: {sql:?}");
+    };
+    let Some(NodeEnum::ResTarget(t)) = target.node.as_ref() else {
+        panic!("unexpected SELECT target: {sql:?}");
+    };
+    let Some(NodeEnum::FuncCall(f)) = t.val.as_ref().and_then(|v| v.node.as_ref()) else {
+        panic!("sync SELECT is not a function call: {sql:?}");
+    };
+    let func: Vec<_> = f.funcname.iter().filter_map(string).collect();
+    assert_eq!(func, ["pg_catalog", "set_config"], "{sql:?}");
+    let [name, value, local] = f.args.as_slice() else {
+        panic!("set_config with other than three arguments: {sql:?}");
+    };
+    let name = string(name).expect("a constant name");
+    assert!(
+        params::is_list_quoted(&name),
+        "set_config of {name}: {sql:?}"
+    );
+    assert_eq!(
+        client.get(&name),
+        string(value).as_deref(),
+        "set_config does not carry the client's value: {sql:?}"
+    );
+    let Some(NodeEnum::AConst(c)) = local.node.as_ref() else {
+        panic!("set_config's is_local is not a constant: {sql:?}");
+    };
+    assert!(
+        matches!(c.val, Some(a_const::Val::Boolval(ref b)) if !b.boolval),
+        "set_config is not for the session: {sql:?}"
+    );
 }
 
 /// pgmux's FATAL/ERROR with `text` in it splits back as one ErrorResponse whose message

@@ -14,6 +14,12 @@
 //! Values are sent as `E'…'` literals with `\` and `'` escaped, which PostgreSQL reads the
 //! same whatever `standard_conforming_strings` is; names are restricted to identifier
 //! characters. SQL is never built from unchecked client strings.
+//!
+//! Values are kept as the parameter's own string, the text a StartupMessage carries. For
+//! most parameters `SET name = '…'` stores exactly that string, but for the list
+//! parameters PostgreSQL quotes (`search_path`, [`LIST_QUOTED`]) `SET` would store each
+//! value as one quoted identifier, making `-c search_path=a,b` one schema named `a,b`;
+//! those are applied with `set_config(name, value, false)`, which takes the string as is.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +55,47 @@ pub fn valid_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
         && !name.as_bytes()[0].is_ascii_digit()
+}
+
+/// List parameters that PostgreSQL declares `GUC_LIST_QUOTE` and a user may set: `SET`
+/// quotes each value it is given as an identifier, so they are applied with `set_config`.
+pub const LIST_QUOTED: [&str; 4] = [
+    "search_path",
+    "temp_tablespaces",
+    "local_preload_libraries",
+    "session_preload_libraries",
+];
+
+pub fn is_list_quoted(name: &str) -> bool {
+    LIST_QUOTED.contains(&name)
+}
+
+/// The string a plain `SET name = value` leaves the parameter with, `value` being the one
+/// value as PostgreSQL's parser read it (a folded word, a number, a literal's text). For a
+/// [`LIST_QUOTED`] parameter `SET` quotes it as an identifier when it is not a plain
+/// lowercase one (PostgreSQL also quotes keywords; a keyword left unquoted names the same
+/// schema); for every other parameter it is the value itself.
+pub fn set_value(name: &str, value: String) -> String {
+    let plain = value
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !is_list_quoted(name) || plain {
+        return value;
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if c == '"' {
+            quoted.push('"');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Settings that ride along on the startup packet and mean nothing to pgmux.
@@ -121,7 +168,7 @@ pub struct ClientParams {
 /// a plain `SET`/`RESET` that PostgreSQL carried out outside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParamChange {
-    /// `SET name = value` (name lowercase, value as PostgreSQL reads it).
+    /// `SET name = value` (name lowercase, value the parameter's string: [`set_value`]).
     Set(String, String),
     /// `RESET name`, `SET name TO DEFAULT`.
     Reset(String),
@@ -325,9 +372,24 @@ impl ClientParams {
 }
 
 fn push_set(sql: &mut String, name: &str, value: &str) {
+    if is_list_quoted(name) {
+        // `name` is one of LIST_QUOTED: no quote in it.
+        sql.push_str("SELECT pg_catalog.set_config('");
+        sql.push_str(name);
+        sql.push_str("', ");
+        push_literal(sql, value);
+        sql.push_str(", false);");
+        return;
+    }
     sql.push_str("SET ");
     sql.push_str(name);
-    sql.push_str(" = E'");
+    sql.push_str(" = ");
+    push_literal(sql, value);
+    sql.push(';');
+}
+
+fn push_literal(sql: &mut String, value: &str) {
+    sql.push_str("E'");
     for c in value.chars() {
         match c {
             '\'' => sql.push_str("''"),
@@ -335,7 +397,7 @@ fn push_set(sql: &mut String, name: &str, value: &str) {
             c => sql.push(c),
         }
     }
-    sql.push_str("';");
+    sql.push('\'');
 }
 
 #[cfg(test)]
@@ -355,6 +417,43 @@ mod tests {
         let s = server();
         let c = ClientParams::new(&s, &[]).unwrap();
         assert_eq!(c.sync_sql(&s), None);
+    }
+
+    #[test]
+    fn list_quoted_parameters_go_through_set_config() {
+        let s = server();
+        let c = ClientParams::new(
+            &s,
+            &[
+                ("search_path".into(), "a, \"B c\"".into()),
+                ("temp_tablespaces".into(), "t1,t2".into()),
+            ],
+        )
+        .unwrap();
+        let sql = c.sync_sql(&s).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config('search_path', E'a, \"B c\"', false);\
+             SELECT pg_catalog.set_config('temp_tablespaces', E't1,t2', false);"
+        );
+    }
+
+    #[test]
+    fn a_set_value_of_a_list_quoted_parameter_is_one_identifier() {
+        // What PostgreSQL's SET stores: `SET search_path TO Tenant_A` folds the word,
+        // `SET search_path = 'My "x"'` quotes the literal as an identifier.
+        assert_eq!(set_value("search_path", "tenant_a".into()), "tenant_a");
+        assert_eq!(set_value("search_path", "_t9".into()), "_t9");
+        assert_eq!(
+            set_value("search_path", "My \"x\"".into()),
+            "\"My \"\"x\"\"\""
+        );
+        assert_eq!(set_value("search_path", "a,b".into()), "\"a,b\"");
+        assert_eq!(set_value("search_path", "9a".into()), "\"9a\"");
+        assert_eq!(set_value("search_path", String::new()), "\"\"");
+        // Other parameters keep the value as it is.
+        assert_eq!(set_value("work_mem", "64MB".into()), "64MB");
+        assert_eq!(set_value("app.tenant", "a,b".into()), "a,b");
     }
 
     #[test]

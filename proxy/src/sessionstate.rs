@@ -310,6 +310,7 @@ pub fn plain_set(sql: &[u8]) -> Option<crate::params::ParamChange> {
             let value = plain_value(value, &sql[start..end], lx.i >= end)?;
             // All of `start..end` was read as the value.
             lx.i = lx.i.max(end);
+            let value = crate::params::set_value(&name, value);
             ParamChange::Set(name, value)
         }
     } else {
@@ -1009,6 +1010,11 @@ mod tests {
         assert_eq!(
             p("SET search_path TO Tenant_A"),
             set("search_path", "tenant_a")
+        );
+        // As PostgreSQL stores it: SET quotes a search_path value as one identifier.
+        assert_eq!(
+            p("SET search_path = 'Tenant B'"),
+            set("search_path", "\"Tenant B\"")
         );
         assert_eq!(
             p("SET App.Tenant = 'Acme Corp'"),
