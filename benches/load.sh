@@ -5,7 +5,7 @@
 #
 # Usage: benches/load.sh [--duration SECONDS] [--scenarios "NAME ..."|all] [--pool-size 20]
 #                        [--logins 1000] [--idle-clients 10000] [--csv FILE] [--no-build]
-#                        [--clients "50 1000"] [--modes "simple extended prepared"]
+#                        [--clients "50 1000"] [--modes "simple extended prepared"] [--floor]
 #
 # Builds pgmux (release), starts a throwaway PostgreSQL on 127.0.0.1 (max_connections 200),
 # loads `pgbench -i -s 10`, starts pgmux and PgBouncer (transaction pooling, same pool size,
@@ -33,6 +33,10 @@
 # mode and client count (what benches/plot.sh plots from --csv). When either is given
 # without --scenarios, only the sweep runs (plus logins if --logins is given).
 # --logins 0 drops the logins scenario. --no-build uses target/release/pgmux as it is.
+# --floor adds a "relay" target wherever direct runs: proxy/examples/relay_floor, a relay
+# that only copies bytes (one upstream connection per client, no parsing, no pooling, one
+# current-thread runtime, in a session of its own), the cost of one extra process hop on
+# the machine, which no proxy can go below (built with pgmux unless --no-build).
 # --csv appends one row per pgbench run: target,mode,clients,tps,lat_avg_ms,connect_ms,
 # pooler_cpu_us_per_tx,peak_rss_mb,p99_ms,scenario (scenario "sweep" for sweep rows; mode is
 # "tpcb" for tpcb50 and "simple-connect" for churn). Everything is cleaned up on exit;
@@ -50,6 +54,7 @@ LOGINS=1000
 IDLE_CLIENTS=10000
 CSV=""
 BUILD=1
+FLOOR=0
 SCENARIOS=""
 SCENARIOS_SET=0
 SWEEP_SET=0
@@ -80,6 +85,7 @@ while [ $# -gt 0 ]; do
         --csv) CSV="$2"; shift 2 ;;
         --csv=*) CSV="${1#*=}"; shift ;;
         --no-build) BUILD=0; shift ;;
+        --floor) FLOOR=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -227,6 +233,14 @@ wait_port() { # port seconds
 
 # --- build pgmux -------------------------------------------------------------
 build_pgmux
+RELAY_BIN="$ROOT/target/release/examples/relay_floor"
+if [ "$FLOOR" -eq 1 ]; then
+    if [ "$BUILD" -eq 1 ]; then
+        log "building relay_floor (release)"
+        (cd "$ROOT" && cargo build --release -p pgmux-proxy --example relay_floor)
+    fi
+    [ -x "$RELAY_BIN" ] || { echo "$RELAY_BIN not found (build it, or drop --no-build)" >&2; exit 1; }
+fi
 
 # --- PostgreSQL --------------------------------------------------------------
 make_tmp pgmux-bench
@@ -367,6 +381,23 @@ if start_pgmux_any pgmux "" 5000 "$TMP/pgmux.log"; then
     PGMUX_PORT="$STARTED_PORT"
 else
     echo "WARNING: skipping pgmux" >&2
+fi
+
+RELAY_PORT=""
+RELAY_PID=""
+RELAY_OK=0
+if [ "$FLOOR" -eq 1 ]; then
+    RELAY_PORT="$(free_port)"
+    log "starting relay_floor on 127.0.0.1:$RELAY_PORT"
+    "${OWN_SESSION[@]}" "$RELAY_BIN" "127.0.0.1:$RELAY_PORT" "127.0.0.1:$PG_PORT" >"$TMP/relay.log" 2>&1 &
+    RELAY_PID=$!
+    MUX_PIDS+=("$RELAY_PID")
+    if wait_port "$RELAY_PORT" 10; then
+        RELAY_OK=1
+    else
+        echo "WARNING: relay_floor did not start; skipping it" >&2
+        sed 's/^/    /' "$TMP/relay.log" >&2
+    fi
 fi
 
 PGB_PORT=""
@@ -528,6 +559,9 @@ run_all_targets() { # label mode clients jobs csvmode [pgbench flags...]
     shift 5
     if [ "$clients" -le "$DIRECT_MAX_CLIENTS" ]; then
         run_pgbench direct "$PG_PORT" "" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
+        if [ "$RELAY_OK" -eq 1 ]; then
+            run_pgbench relay "$RELAY_PORT" "$RELAY_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
+        fi
     fi
     if [ "$PGMUX_OK" -eq 1 ]; then
         run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
@@ -684,19 +718,22 @@ if [ "${#SCEN_ROWS[@]}" -gt 0 ]; then
     printf "$SCEN_FMT\n" scenario target tps "lat avg ms" "p99 ms" "connect ms" "pooler cpu us/tx" "peak rss MB"
     printf '%s\n' "${SCEN_ROWS[@]}"
     echo
-    printf '%-11s %16s %13s %14s %15s %17s\n' scenario "pgmux/pgbouncer" "pgmux/direct" \
-        "pgbouncer/dir" "p99 mux/pgb" "cpu/tx mux/pgb"
+    printf '%-11s %16s %13s %14s %15s %17s%s\n' scenario "pgmux/pgbouncer" "pgmux/direct" \
+        "pgbouncer/dir" "p99 mux/pgb" "cpu/tx mux/pgb" "$([ "$FLOOR" -eq 1 ] && printf ' %13s %15s' relay/direct "cpu mux/relay")"
     for s in $PGBENCH_SCENARIOS; do
-        printf '%-11s %16s %13s %14s %15s %17s\n' "$s" \
+        printf '%-11s %16s %13s %14s %15s %17s%s\n' "$s" \
             "$(ratio "${R_TPS[$s|pgmux]:-}" "${R_TPS[$s|pgbouncer]:-}")" \
             "$(ratio "${R_TPS[$s|pgmux]:-}" "${R_TPS[$s|direct]:-}")" \
             "$(ratio "${R_TPS[$s|pgbouncer]:-}" "${R_TPS[$s|direct]:-}")" \
             "$(ratio "${R_P99[$s|pgmux]:-}" "${R_P99[$s|pgbouncer]:-}")" \
-            "$(ratio "${R_CPU[$s|pgmux]:-}" "${R_CPU[$s|pgbouncer]:-}")"
+            "$(ratio "${R_CPU[$s|pgmux]:-}" "${R_CPU[$s|pgbouncer]:-}")" \
+            "$([ "$FLOOR" -eq 1 ] && printf ' %13s %15s' "$(ratio "${R_TPS[$s|relay]:-}" "${R_TPS[$s|direct]:-}")" \
+                "$(ratio "${R_CPU[$s|pgmux]:-}" "${R_CPU[$s|relay]:-}")")"
     done
     if scen_on single; then
         echo "single: avg latency over direct: pgmux $(pct_over "${R_LAT[single|pgmux]:-}" "${R_LAT[single|direct]:-}")," \
-            "PgBouncer $(pct_over "${R_LAT[single|pgbouncer]:-}" "${R_LAT[single|direct]:-}")"
+            "PgBouncer $(pct_over "${R_LAT[single|pgbouncer]:-}" "${R_LAT[single|direct]:-}")$(
+            [ "$FLOOR" -eq 1 ] && echo ", relay_floor $(pct_over "${R_LAT[single|relay]:-}" "${R_LAT[single|direct]:-}") (copies bytes only)")"
     fi
 fi
 
