@@ -442,6 +442,11 @@ pub fn answer_without_server(
                 let Some((name, rest)) = cstr(body) else {
                     return Ok(false);
                 };
+                // The unnamed statement (every -M extended query) goes to a server: known
+                // before the query text is scanned.
+                if name.is_empty() {
+                    return Ok(false);
+                }
                 let Some((query, types)) = cstr(rest) else {
                     return Ok(false);
                 };
@@ -451,7 +456,7 @@ pub fn answer_without_server(
                 let seen = steps
                     .iter()
                     .any(|s| matches!(s, Step::Parse(n, _) | Step::Close(n) if n == name));
-                if name.is_empty() || seen || statements.contains(name) {
+                if seen || statements.contains(name) {
                     return Ok(false);
                 }
                 match registry.get(query, types) {

@@ -284,7 +284,12 @@ impl std::fmt::Display for ErrorFields {
 /// Splits a NUL-terminated string off the front of `buf`.
 #[inline]
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|b| *b == 0)?;
+    // Empty (the unnamed statement and portal) at once; a longer string, such as a
+    // Parse's query text, with memchr: a word at a time instead of a byte.
+    let nul = match buf.first() {
+        Some(0) => 0,
+        _ => memchr::memchr(0, buf)?,
+    };
     Some((&buf[..nul], &buf[nul + 1..]))
 }
 
@@ -355,6 +360,16 @@ pub fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, Pr
 mod tests {
     use super::*;
     use crate::protocol::frame::split_frame;
+
+    #[test]
+    fn cstr_splits_at_the_first_nul() {
+        assert_eq!(cstr(b"\0rest"), Some((&b""[..], &b"rest"[..])));
+        assert_eq!(cstr(b"\0"), Some((&b""[..], &b""[..])));
+        let long = [b"SELECT ".repeat(20).as_slice(), b"\0\0x"].concat();
+        assert_eq!(cstr(&long), Some((&long[..140], &b"\0x"[..])));
+        assert_eq!(cstr(b"no terminator"), None);
+        assert_eq!(cstr(b""), None);
+    }
 
     #[test]
     fn data_row_columns_and_bad_lengths() {
