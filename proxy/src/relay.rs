@@ -222,6 +222,11 @@ pub fn pump_client(
             append(p.out, rbuf.split_to(n));
             n = 0;
             let frame = rbuf.split_to(len).freeze();
+            // Room at once for the rewritten message (its statement name may grow) and
+            // what follows it in this read (a Bind's Execute and Sync): written a few
+            // bytes at a time into an empty `out`, it grew by five reallocations.
+            p.out
+                .reserve(len + 32 + rbuf.len().min(OUT_LIMIT.saturating_sub(p.out.len())));
             handle_named(tag, frame.slice(5..), p)?;
         } else {
             n += len;
