@@ -131,7 +131,9 @@ impl Registry {
 /// A client's statement names.
 #[derive(Default, Debug)]
 pub struct ClientStatements {
-    map: HashMap<String, Arc<Statement>>,
+    // foldhash (randomly seeded per map) instead of SipHash: looked up at every Bind of
+    // a named statement; the keys are one client's own names.
+    map: foldhash::HashMap<String, Arc<Statement>>,
 }
 
 impl ClientStatements {
@@ -174,7 +176,8 @@ impl ClientStatements {
 /// The statements one backend has prepared: an LRU bounded by `capacity`.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    entries: HashMap<u64, (Arc<Statement>, u64)>,
+    /// By pgmux's statement id (foldhash: touched at every Bind; ids are pgmux's own).
+    entries: foldhash::HashMap<u64, (Arc<Statement>, u64)>,
     tick: u64,
     /// Names the backend still holds but that must be re-prepared before use (their plan
     /// went stale after DDL): closed right before the next Parse of the same statement.
