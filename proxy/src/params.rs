@@ -76,6 +76,9 @@ pub fn is_list_quoted(name: &str) -> bool {
 /// lowercase one (PostgreSQL also quotes keywords; a keyword left unquoted names the same
 /// schema); for every other parameter it is the value itself.
 pub fn set_value(name: &str, value: String) -> String {
+    if !is_list_quoted(name) {
+        return value;
+    }
     let plain = value
         .bytes()
         .next()
@@ -83,7 +86,7 @@ pub fn set_value(name: &str, value: String) -> String {
         && value
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !is_list_quoted(name) || plain {
+    if plain {
         return value;
     }
     let mut quoted = String::with_capacity(value.len() + 2);
