@@ -328,7 +328,15 @@ pub struct Server {
     pub params: ServerParams,
     pub cancel: CancelTarget,
     pub created: Instant,
+    /// When the server was last given back to its pool (idle since then).
     pub last_used: Instant,
+    /// When a client last took it from the pool (read once by the checkout, then the
+    /// link's start for the transaction statistics: one clock read fewer per transaction).
+    pub taken_at: Instant,
+    /// When its link released it (the last ReadyForQuery), which the pool's checkin
+    /// takes for `last_used` instead of reading the clock again; `None` when given back
+    /// by another path.
+    pub released_at: Option<Instant>,
     /// Responses still owed, in order.
     pub expect: VecDeque<Expect>,
     /// After an extended-protocol error the backend ignores everything up to Sync.
@@ -413,6 +421,8 @@ impl Server {
             },
             created: Instant::now(),
             last_used: Instant::now(),
+            taken_at: Instant::now(),
+            released_at: None,
             expect: VecDeque::new(),
             skipping: false,
             copy_in: false,

@@ -165,11 +165,13 @@ pub struct ServerEntry {
 }
 
 impl ServerEntry {
-    /// Marks the server linked to `client` (0: released).
-    pub fn link(&self, client: u64) {
+    /// Marks the server linked to `client` (0: released) at `at`.
+    pub fn link(&self, client: u64, at: Instant) {
         self.client.store(client, Ordering::Relaxed);
-        self.changed_us
-            .store(self.opened.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.changed_us.store(
+            at.saturating_duration_since(self.opened).as_micros() as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -504,7 +506,8 @@ impl Pool {
                         continue;
                     }
                     // Boxed: only a server idle past the delay pays for the future.
-                    if self.needs_check(&s) {
+                    s.taken_at = Instant::now();
+                    if self.needs_check(&s, s.taken_at) {
                         start();
                         if !Box::pin(self.passes_check(&mut s)).await {
                             self.close(s, CloseReason::CheckFailed);
@@ -525,7 +528,8 @@ impl Pool {
                         .await
                         .map(Box::new);
                     match opened {
-                        Ok(s) => {
+                        Ok(mut s) => {
+                            s.taken_at = Instant::now();
                             self.record_wait(began.map(|b| b.0));
                             return Ok(PooledServer::new(self.clone(), s));
                         }
@@ -754,9 +758,9 @@ impl Pool {
     /// server_check_delay: a server idle at least that long answers a Sync before a client
     /// gets it (the socket check above cannot see a peer that vanished without a word:
     /// a failover, a network cut). False: close it and take another.
-    fn needs_check(&self, server: &Server) -> bool {
+    fn needs_check(&self, server: &Server, now: Instant) -> bool {
         let delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
-        server.last_used.elapsed() >= delay
+        now.saturating_duration_since(server.last_used) >= delay
     }
 
     async fn passes_check(&self, server: &mut Server) -> bool {
@@ -793,7 +797,7 @@ impl Pool {
             self.close(server, CloseReason::Reconnect);
             return;
         }
-        let now = Instant::now();
+        let now = server.released_at.take().unwrap_or_else(Instant::now);
         if self.too_old(&server, now) {
             self.close(server, CloseReason::Lifetime);
             return;

@@ -1273,8 +1273,9 @@ impl<'a> Session<'a> {
 
             // --- a server for this transaction: the pinned one, or one from a pool
             let was_pinned = self.pin.is_some();
-            let checkout = if let Some(server) = self.pinned.take() {
+            let checkout = if let Some(mut server) = self.pinned.take() {
                 // Read while idle (see above): a dead one shows when the unit is sent.
+                server.taken_at = std::time::Instant::now();
                 let primary = Choice {
                     target: Target::Primary,
                     writes: true,
@@ -1490,6 +1491,8 @@ impl<'a> Session<'a> {
                         for (k, v) in self.params.after_sync(&mut server.params) {
                             msg::parameter_status(&mut self.client.wbuf, k, &v);
                         }
+                        // The transaction starts after the parameters' round trip.
+                        server.taken_at = std::time::Instant::now();
                     }
                     Ok(Some(err)) => {
                         msg::error_response_from_fields(
@@ -1515,10 +1518,11 @@ impl<'a> Session<'a> {
             if let Some(r) = &replica {
                 r.outstanding.fetch_add(1, Ordering::Relaxed);
             }
-            let started = std::time::Instant::now();
+            // Read by the checkout (see `Server::taken_at`).
+            let started = server.taken_at;
             let server_entry = server.entry.clone();
             if let Some(e) = &server_entry {
-                e.link(self.entry.id);
+                e.link(self.entry.id, started);
             }
             self.entry.linked(server.id, server.cancel.pid);
             let readies = server.readies;
@@ -1531,16 +1535,18 @@ impl<'a> Session<'a> {
             self.registration.slot.unlink().await;
             self.entry.idle();
             let stats = &pool.stats;
+            // The release's time: the last ReadyForQuery's, read when it arrived. Also
+            // the server's `last_used` (pool checkin).
+            let released = counters.last_ready.unwrap_or_else(std::time::Instant::now);
             if let Some(e) = &server_entry {
                 e.prepared.store(server.statements.len(), Ordering::Relaxed);
-                e.link(0);
+                e.link(0, released);
             }
             stats
                 .queries
                 .fetch_add(server.readies - readies, Ordering::Relaxed);
             if matches!(end, LinkEnd::Released) {
-                let end = counters.last_ready.unwrap_or_else(std::time::Instant::now);
-                let took = end.saturating_duration_since(started);
+                let took = released.saturating_duration_since(started);
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 stats
                     .xact_us
@@ -1550,13 +1556,14 @@ impl<'a> Session<'a> {
             if self.pin.is_some() && replica.is_none() && matches!(end, LinkEnd::Released) {
                 // Kept for this client's next transactions; closed when it disconnects.
                 if let Some(e) = &server_entry {
-                    e.link(self.entry.id);
+                    e.link(self.entry.id, released);
                 }
                 // Marked here too: a unit retried after its server died runs again on a new
                 // one, where it is not looked for once the pin was asked for.
                 server.session_state = true;
                 self.pinned = Some(server);
             } else {
+                server.released_at = Some(released);
                 drop(server);
             }
             if let LinkEnd::Retry(_) = end {
