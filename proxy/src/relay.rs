@@ -88,6 +88,16 @@ impl StateCheck {
     }
 }
 
+/// The first `n` bytes of `rbuf`. All of it is taken whole: `split_to` would turn the
+/// buffer into a shared one first (an allocation per client message, and its free).
+fn take_front(rbuf: &mut BytesMut, n: usize) -> BytesMut {
+    if n == rbuf.len() {
+        std::mem::take(rbuf)
+    } else {
+        rbuf.split_to(n)
+    }
+}
+
 fn append(out: &mut BytesMut, chunk: BytesMut) {
     if out.is_empty() {
         *out = chunk;
@@ -115,7 +125,7 @@ pub fn pump_client(
             break;
         }
         if *p.skip_to_sync && tag != b'S' {
-            append(p.out, rbuf.split_to(n));
+            append(p.out, take_front(rbuf, n));
             n = 0;
             rbuf.advance(len);
             continue;
@@ -147,7 +157,7 @@ pub fn pump_client(
             if let Some(f) = sessionstate::detect(sql) {
                 p.state.saw(f);
                 if action == SessionStateAction::Reject {
-                    append(p.out, rbuf.split_to(n));
+                    append(p.out, take_front(rbuf, n));
                     n = 0;
                     rbuf.advance(len);
                     refuse(p, tag, f);
@@ -219,7 +229,7 @@ pub fn pump_client(
             other => return Err(ProtocolError::UnexpectedMessage(other as char)),
         };
         if special {
-            append(p.out, rbuf.split_to(n));
+            append(p.out, take_front(rbuf, n));
             n = 0;
             let frame = rbuf.split_to(len).freeze();
             // Room at once for the rewritten message (its statement name may grow) and
@@ -236,7 +246,7 @@ pub fn pump_client(
             break;
         }
     }
-    append(p.out, rbuf.split_to(n));
+    append(p.out, take_front(rbuf, n));
     Ok(terminate)
 }
 
