@@ -1,6 +1,7 @@
 //! Micro-benchmarks for the per-message hot path: framing, the client → server pump,
-//! the server → client scan, statement lookups and the per-checkout parameter check.
-//! None of them needs PostgreSQL.
+//! the server → client scan, statement lookups, the per-checkout parameter check, and the
+//! pool's checkout and check-in (alone and contended). None of them needs PostgreSQL: the
+//! pool's servers log in to a stand-in that answers the startup packet and nothing else.
 //!
 //! Run: `cargo bench -p pgmux-proxy --bench hotpath -- --warm-up-time 1 --measurement-time 3`
 
@@ -450,8 +451,148 @@ fn bench_session_state(c: &mut Criterion) {
     g.finish();
 }
 
+/// A stand-in for PostgreSQL that only logs clients in (AuthenticationOk, BackendKeyData,
+/// ReadyForQuery) and then reads and drops what they send: enough for the pool to open
+/// servers. The benchmarks below never send a query.
+async fn login_only_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut pid = 1000;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            pid += 1;
+            tokio::spawn(async move {
+                // An SSLRequest first (the default sslmode is prefer): refused with 'N'.
+                loop {
+                    let len = sock.read_i32().await.unwrap_or(0);
+                    let mut packet = vec![0; (len.clamp(8, 10_000) - 4) as usize];
+                    if sock.read_exact(&mut packet).await.is_err() {
+                        return;
+                    }
+                    if packet[..4] != 80877103i32.to_be_bytes() {
+                        break;
+                    }
+                    if sock.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                }
+                let mut out = BytesMut::new();
+                msg(&mut out, b'R', &0i32.to_be_bytes());
+                let mut key = BytesMut::new();
+                key.put_i32(pid);
+                key.put_i32(7);
+                msg(&mut out, b'K', &key);
+                msg(&mut out, b'Z', b"I");
+                if sock.write_all(&out).await.is_err() {
+                    return;
+                }
+                let mut sink = [0u8; 1024];
+                while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+fn bench_pool(c: &mut Criterion) {
+    use pgmux_proxy::pool::{Pool, PoolSettings};
+    use std::time::{Duration, Instant};
+    const SERVERS: usize = 8;
+    const TASKS: u64 = 32;
+    const WAIT: Duration = Duration::from_secs(10);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let at = rt.block_on(login_only_server());
+    let pool = Pool::new(
+        "bench".into(),
+        "bench".into(),
+        pgmux_admin::Role::Primary,
+        ServerAddr {
+            host: at.ip().to_string(),
+            port: at.port(),
+            dbname: "bench".into(),
+            params: Default::default(),
+            tls: Default::default(),
+        },
+        None,
+        PoolSettings {
+            max_size: SERVERS,
+            min_size: 0,
+            lifetime: Duration::ZERO,
+            login_retry: Duration::ZERO,
+            connect_timeout: Duration::from_secs(5),
+            // No liveness ping: an idle server is handed out as it is.
+            check_delay: Duration::from_secs(3600),
+            histograms: pgmux_admin::metrics::PoolHistograms::noop(),
+            paused: false,
+            tcp: Default::default(),
+            rds_iam: None,
+            budgets: Default::default(),
+        },
+    );
+    // Open every server once, so that the measured checkouts only take idle ones.
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..SERVERS {
+            held.push(
+                pool.checkout(WAIT)
+                    .await
+                    .expect("the stand-in logs servers in"),
+            );
+        }
+    });
+    assert_eq!(pool.counts().idle, SERVERS);
+    let mut g = c.benchmark_group("pool");
+    // One client: take an idle server and give it back.
+    g.bench_function("checkout_checkin", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    drop(pool.checkout(WAIT).await.unwrap());
+                }
+                start.elapsed()
+            })
+        })
+    });
+    // 32 clients on 8 servers, each holding its server across a yield: most checkouts
+    // wait and get a server handed over by the one releasing it. Per checkout.
+    g.bench_function("contended_32_clients_8_servers", |b| {
+        b.iter_custom(|iters| {
+            let per_task = iters.div_ceil(TASKS);
+            rt.block_on(async {
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..TASKS)
+                    .map(|_| {
+                        let pool = pool.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..per_task {
+                                let server = pool.checkout(WAIT).await.unwrap();
+                                tokio::task::yield_now().await;
+                                drop(server);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (per_task * TASKS) as f64)
+            })
+        })
+    });
+    g.finish();
+    assert_eq!(pool.counts().idle, SERVERS, "every server came back clean");
+}
+
 criterion_group!(
     benches,
+    bench_pool,
     bench_session_state,
     bench_frame,
     bench_pump_client,
