@@ -470,7 +470,7 @@ async fn login_only_server() -> std::net::SocketAddr {
                     if sock.read_exact(&mut packet).await.is_err() {
                         return;
                     }
-                    if packet[..4] != 80877103i32.to_be_bytes() {
+                    if packet[..4] != pgmux_proxy::protocol::SSL_REQUEST.to_be_bytes() {
                         break;
                     }
                     if sock.write_all(b"N").await.is_err() {

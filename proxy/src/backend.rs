@@ -408,6 +408,7 @@ impl Server {
     /// A server around an already-open stream, before any login: what [`Server::connect`]
     /// starts from, and what benchmarks use to drive the relay without PostgreSQL.
     pub fn detached(stream: ServerStream, addr: Arc<ServerAddr>) -> Server {
+        let now = Instant::now();
         Server {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream,
@@ -419,9 +420,9 @@ impl Server {
                 secret: 0,
                 lock: Arc::new(tokio::sync::Mutex::new(())),
             },
-            created: Instant::now(),
-            last_used: Instant::now(),
-            taken_at: Instant::now(),
+            created: now,
+            last_used: now,
+            taken_at: now,
             released_at: None,
             expect: VecDeque::new(),
             skipping: false,

@@ -506,16 +506,18 @@ impl Pool {
                         continue;
                     }
                     // Boxed: only a server idle past the delay pays for the future.
-                    s.taken_at = Instant::now();
-                    if self.needs_check(&s, s.taken_at) {
+                    let mut taken = Instant::now();
+                    if self.needs_check(&s, taken) {
                         start();
                         if !Box::pin(self.passes_check(&mut s)).await {
                             self.close(s, CloseReason::CheckFailed);
                             continue;
                         }
+                        // The client's transaction starts after the check's round trip.
+                        taken = Instant::now();
                     }
                     self.record_wait(began.map(|b| b.0));
-                    return Ok(PooledServer::new(self.clone(), s));
+                    return Ok(PooledServer::new(self.clone(), s, taken));
                 }
                 Handoff::Slot => {
                     // Boxed: connect + login is a large future, needed only when a
@@ -528,10 +530,9 @@ impl Pool {
                         .await
                         .map(Box::new);
                     match opened {
-                        Ok(mut s) => {
-                            s.taken_at = Instant::now();
+                        Ok(s) => {
                             self.record_wait(began.map(|b| b.0));
-                            return Ok(PooledServer::new(self.clone(), s));
+                            return Ok(PooledServer::new(self.clone(), s, Instant::now()));
                         }
                         Err(PoolError::Retry) => continue,
                         Err(PoolError::Connect(e)) if e.is_transient() => {
@@ -1080,7 +1081,9 @@ pub struct PooledServer {
 }
 
 impl PooledServer {
-    fn new(pool: Arc<Pool>, server: Box<Server>) -> Self {
+    /// `taken`: when the client got it ([`Server::taken_at`]).
+    fn new(pool: Arc<Pool>, mut server: Box<Server>, taken: Instant) -> Self {
+        server.taken_at = taken;
         PooledServer {
             pool,
             server: Some(server),

@@ -88,8 +88,10 @@ impl StateCheck {
     }
 }
 
-/// The first `n` bytes of `rbuf`. All of it is taken whole: `split_to` would turn the
-/// buffer into a shared one first (an allocation per client message, and its free).
+/// The first `n` bytes of `rbuf`, for the end of [`pump_client`] (inside its loop a
+/// frame always follows, so `n` is never all of it there). All of it is taken whole:
+/// `split_to` would turn the buffer into a shared one first (an allocation per client
+/// message, and its free).
 fn take_front(rbuf: &mut BytesMut, n: usize) -> BytesMut {
     if n == rbuf.len() {
         std::mem::take(rbuf)
@@ -125,7 +127,7 @@ pub fn pump_client(
             break;
         }
         if *p.skip_to_sync && tag != b'S' {
-            append(p.out, take_front(rbuf, n));
+            append(p.out, rbuf.split_to(n));
             n = 0;
             rbuf.advance(len);
             continue;
@@ -157,7 +159,7 @@ pub fn pump_client(
             if let Some(f) = sessionstate::detect(sql) {
                 p.state.saw(f);
                 if action == SessionStateAction::Reject {
-                    append(p.out, take_front(rbuf, n));
+                    append(p.out, rbuf.split_to(n));
                     n = 0;
                     rbuf.advance(len);
                     refuse(p, tag, f);
@@ -229,7 +231,7 @@ pub fn pump_client(
             other => return Err(ProtocolError::UnexpectedMessage(other as char)),
         };
         if special {
-            append(p.out, take_front(rbuf, n));
+            append(p.out, rbuf.split_to(n));
             n = 0;
             let frame = rbuf.split_to(len).freeze();
             // Room at once for the rewritten message (its statement name may grow) and
