@@ -704,11 +704,30 @@ async fn query_wait_timeout_gives_a_clear_error() {
     let a = connect(&env.url(&px)).await;
     a.batch_execute("begin").await.unwrap();
     let b = connect(&env.url(&px)).await;
+    let c = connect(&env.url(&px)).await;
+    // Two waits that start 400 ms apart end 400 ms apart: each has its own deadline.
     let started = Instant::now();
-    let err = b.simple_query("select 1").await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(message(&err).contains("query_wait_timeout"), "{err:?}");
+    let first = tokio::spawn(async move {
+        let err = b.simple_query("select 1").await.unwrap_err();
+        (err, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = c.simple_query("select 1").await.unwrap_err();
+    let second_took = started.elapsed();
+    let (first_err, first_took) = first.await.unwrap();
+    for (e, took, from) in [(&first_err, first_took, 0), (&err, second_took, 400)] {
+        assert!(message(e).contains("query_wait_timeout"), "{e:?}");
+        let waited = took - Duration::from_millis(from);
+        assert!(
+            waited >= Duration::from_millis(950) && waited < Duration::from_secs(3),
+            "waited {waited:?} for a 1 s query_wait_timeout"
+        );
+    }
+    assert!(second_took > first_took + Duration::from_millis(200));
+    // The transaction that held the only server is untouched and the pool goes on.
     a.batch_execute("commit").await.unwrap();
+    let d = connect(&env.url(&px)).await;
+    d.simple_query("select 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,8 @@ pub enum PoolError {
 enum Handoff {
     Server(Box<Server>),
     Slot,
+    /// The waiter's query_wait_timeout passed (see [`Pool::expire_waiters`]).
+    TimedOut,
 }
 
 /// Why a server connection was closed (logged, counted, exported as a label).
@@ -134,6 +136,8 @@ impl CloseReason {
 
 struct Waiter {
     since: Instant,
+    /// When query_wait_timeout ends the wait; None: never (a wait too long to add).
+    deadline: Option<Instant>,
     tx: oneshot::Sender<Handoff>,
 }
 
@@ -146,6 +150,8 @@ struct Inner {
     waiters: VecDeque<Waiter>,
     /// PAUSE: nothing is handed out; checkouts queue as waiters.
     paused: bool,
+    /// A task runs [`Pool::expire_waiters`] (see [`sweep_waiters`]).
+    sweeping: bool,
 }
 
 /// An open server connection as the admin surface lists it.
@@ -365,6 +371,7 @@ impl Pool {
                 total: 0,
                 waiters: VecDeque::new(),
                 paused: settings.paused,
+                sweeping: false,
             }),
             startup_params: ArcSwapOption::empty(),
             statements: crate::prepared::Registry::default(),
@@ -456,47 +463,49 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<PooledServer, PoolError> {
         // The clock is read only once the checkout has to wait (or open a server): an
         // idle server taken at once counts as no wait.
-        let mut began: Option<(Instant, tokio::time::Instant)> = None;
-        let mut start =
-            || *began.get_or_insert_with(|| (Instant::now(), tokio::time::Instant::now() + wait));
+        let mut began: Option<Instant> = None;
+        let mut start = || *began.get_or_insert_with(Instant::now);
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         loop {
             enum Next {
                 Ready(Box<Server>),
                 Connect,
-                Wait(oneshot::Receiver<Handoff>),
+                Wait(oneshot::Receiver<Handoff>, bool),
             }
             let next = {
                 let mut g = self.lock();
-                if g.paused {
-                    Next::Wait(Self::enqueue(&mut g))
-                } else if let Some(s) = g.idle.pop() {
-                    Next::Ready(s)
-                } else if g.total < self.max_size.load(Ordering::Relaxed) {
-                    g.total += 1;
-                    Next::Connect
+                if !g.paused {
+                    if let Some(s) = g.idle.pop() {
+                        Next::Ready(s)
+                    } else if g.total < self.max_size.load(Ordering::Relaxed) {
+                        g.total += 1;
+                        Next::Connect
+                    } else {
+                        let (rx, spawn) = Self::enqueue(&mut g, start(), wait);
+                        Next::Wait(rx, spawn)
+                    }
                 } else {
-                    Next::Wait(Self::enqueue(&mut g))
+                    let (rx, spawn) = Self::enqueue(&mut g, start(), wait);
+                    Next::Wait(rx, spawn)
                 }
             };
             let handoff = match next {
                 Next::Ready(s) => Handoff::Server(s),
                 Next::Connect => Handoff::Slot,
-                Next::Wait(mut rx) => match tokio::time::timeout_at(start().1, &mut rx).await {
-                    Ok(Ok(h)) => h,
-                    Ok(Err(_)) => continue,
-                    Err(_) => {
-                        // Something may have been handed over just as the wait ran out.
-                        rx.close();
-                        match rx.try_recv() {
-                            Ok(h) => h,
-                            Err(_) => {
-                                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                                return Err(PoolError::WaitTimeout(wait));
-                            }
-                        }
+                Next::Wait(rx, spawn_sweeper) => {
+                    if spawn_sweeper {
+                        tokio::spawn(sweep_waiters(Arc::downgrade(self)));
                     }
-                },
+                    match rx.await {
+                        Ok(Handoff::TimedOut) => {
+                            self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                            return Err(PoolError::WaitTimeout(wait));
+                        }
+                        Ok(h) => h,
+                        // Not sent to (the pool let go of its waiters): ask again.
+                        Err(_) => continue,
+                    }
+                }
             };
             match handoff {
                 Handoff::Server(mut s) => {
@@ -516,7 +525,7 @@ impl Pool {
                         // The client's transaction starts after the check's round trip.
                         taken = Instant::now();
                     }
-                    self.record_wait(began.map(|b| b.0));
+                    self.record_wait(began);
                     return Ok(PooledServer::new(self.clone(), s, taken));
                 }
                 Handoff::Slot => {
@@ -525,13 +534,13 @@ impl Pool {
                     // every idle) client's task for it.
                     // The server boxed at once: a `Result<Server, _>` alive across the
                     // retry sleep below would add its ~540 bytes to this future.
-                    let deadline = start().1;
+                    let deadline = tokio::time::Instant::from_std(start()) + wait;
                     let opened = Box::pin(self.open(Some((deadline, wait))))
                         .await
                         .map(Box::new);
                     match opened {
                         Ok(s) => {
-                            self.record_wait(began.map(|b| b.0));
+                            self.record_wait(began);
                             return Ok(PooledServer::new(self.clone(), s, Instant::now()));
                         }
                         Err(PoolError::Retry) => continue,
@@ -550,17 +559,56 @@ impl Pool {
                         Err(e) => return Err(e),
                     }
                 }
+                Handoff::TimedOut => unreachable!("only a waiter is timed out"),
             }
         }
     }
 
-    fn enqueue(g: &mut Inner) -> oneshot::Receiver<Handoff> {
+    /// Queues a checkout that began at `since` and may wait `wait`. Also whether the
+    /// caller must start the sweeper ([`sweep_waiters`]): none is running.
+    fn enqueue(
+        g: &mut Inner,
+        since: Instant,
+        wait: Duration,
+    ) -> (oneshot::Receiver<Handoff>, bool) {
         let (tx, rx) = oneshot::channel();
         g.waiters.push_back(Waiter {
-            since: Instant::now(),
+            since,
+            deadline: since.checked_add(wait),
             tx,
         });
-        rx
+        let spawn = !std::mem::replace(&mut g.sweeping, true);
+        (rx, spawn)
+    }
+
+    /// Ends the waits whose query_wait_timeout has passed at `now` (they get
+    /// [`Handoff::TimedOut`]) and drops waiters that gave up. Returns the earliest
+    /// deadline still ahead, or None when no one waits any more: then the sweeper stops
+    /// (the next waiter starts another).
+    fn expire_waiters(&self, now: Instant) -> Option<Instant> {
+        let mut g = self.lock();
+        let due = |w: &Waiter| w.tx.is_closed() || w.deadline.is_some_and(|d| d <= now);
+        if g.waiters.iter().any(due) {
+            for w in std::mem::take(&mut g.waiters) {
+                if !due(&w) {
+                    g.waiters.push_back(w);
+                } else if !w.tx.is_closed() {
+                    let _ = w.tx.send(Handoff::TimedOut);
+                }
+            }
+        }
+        if g.waiters.is_empty() {
+            g.sweeping = false;
+            return None;
+        }
+        let never = now + SWEEP_INTERVAL;
+        Some(
+            g.waiters
+                .iter()
+                .filter_map(|w| w.deadline)
+                .min()
+                .unwrap_or(never),
+        )
     }
 
     /// Counts a checkout's wait; `start` None: it did not wait.
@@ -816,7 +864,7 @@ impl Pool {
                 match w.tx.send(Handoff::Server(server)) {
                     Ok(()) => return,
                     Err(Handoff::Server(s)) => server = s,
-                    Err(Handoff::Slot) => unreachable!("we sent a server"),
+                    Err(_) => unreachable!("we sent a server"),
                 }
             }
         }
@@ -1064,6 +1112,25 @@ impl Pool {
                 }
             });
         }
+    }
+}
+
+/// The longest a waiter sweeper sleeps: a live change to a shorter query_wait_timeout
+/// takes effect at most this late for the waits it starts.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Enforces query_wait_timeout for a pool's waiters while there are any, so a waiting
+/// checkout needs no timer of its own (a tokio timer's registration and removal cost
+/// more than the rest of a contended checkout). One per pool at a time; it ends when
+/// the pool has no waiters or is gone.
+async fn sweep_waiters(pool: std::sync::Weak<Pool>) {
+    loop {
+        let now = Instant::now();
+        let Some(next) = pool.upgrade().and_then(|p| p.expire_waiters(now)) else {
+            return;
+        };
+        let at = next.min(now + SWEEP_INTERVAL);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
     }
 }
 
