@@ -25,6 +25,9 @@ const PREPARED_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1
 /// Parameter types of the Parse body: one parameter, int4.
 const PARAM_TYPES: &[u8] = &[0, 1, 0, 0, 0, 23];
 
+#[path = "standin.rs"]
+mod standin;
+
 fn msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_u8(tag);
     out.put_i32((body.len() + 4) as i32);
@@ -451,52 +454,7 @@ fn bench_session_state(c: &mut Criterion) {
     g.finish();
 }
 
-/// A stand-in for PostgreSQL that only logs clients in (AuthenticationOk, BackendKeyData,
-/// ReadyForQuery) and then reads and drops what they send: enough for the pool to open
-/// servers. The benchmarks below never send a query.
-async fn login_only_server() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut pid = 1000;
-        while let Ok((mut sock, _)) = listener.accept().await {
-            pid += 1;
-            tokio::spawn(async move {
-                // An SSLRequest first (the default sslmode is prefer): refused with 'N'.
-                loop {
-                    let len = sock.read_i32().await.unwrap_or(0);
-                    let mut packet = vec![0; (len.clamp(8, 10_000) - 4) as usize];
-                    if sock.read_exact(&mut packet).await.is_err() {
-                        return;
-                    }
-                    if packet[..4] != pgmux_proxy::protocol::SSL_REQUEST.to_be_bytes() {
-                        break;
-                    }
-                    if sock.write_all(b"N").await.is_err() {
-                        return;
-                    }
-                }
-                let mut out = BytesMut::new();
-                msg(&mut out, b'R', &0i32.to_be_bytes());
-                let mut key = BytesMut::new();
-                key.put_i32(pid);
-                key.put_i32(7);
-                msg(&mut out, b'K', &key);
-                msg(&mut out, b'Z', b"I");
-                if sock.write_all(&out).await.is_err() {
-                    return;
-                }
-                let mut sink = [0u8; 1024];
-                while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
-    addr
-}
-
 fn bench_pool(c: &mut Criterion) {
-    use pgmux_proxy::pool::{Pool, PoolSettings};
     use std::time::{Duration, Instant};
     const SERVERS: usize = 8;
     const TASKS: u64 = 32;
@@ -505,34 +463,8 @@ fn bench_pool(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let at = rt.block_on(login_only_server());
-    let pool = Pool::new(
-        "bench".into(),
-        "bench".into(),
-        pgmux_admin::Role::Primary,
-        ServerAddr {
-            host: at.ip().to_string(),
-            port: at.port(),
-            dbname: "bench".into(),
-            params: Default::default(),
-            tls: Default::default(),
-        },
-        None,
-        PoolSettings {
-            max_size: SERVERS,
-            min_size: 0,
-            lifetime: Duration::ZERO,
-            login_retry: Duration::ZERO,
-            connect_timeout: Duration::from_secs(5),
-            // No liveness ping: an idle server is handed out as it is.
-            check_delay: Duration::from_secs(3600),
-            histograms: pgmux_admin::metrics::PoolHistograms::noop(),
-            paused: false,
-            tcp: Default::default(),
-            rds_iam: None,
-            budgets: Default::default(),
-        },
-    );
+    let at = rt.block_on(standin::login_only_server());
+    let pool = standin::pool(at, SERVERS);
     // Open every server once, so that the measured checkouts only take idle ones.
     rt.block_on(async {
         let mut held = Vec::new();

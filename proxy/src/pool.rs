@@ -496,7 +496,8 @@ impl Pool {
                     if spawn_sweeper {
                         tokio::spawn(sweep_waiters(Arc::downgrade(self)));
                     }
-                    match rx.await {
+                    let mut ticket = Ticket { pool: self, rx };
+                    match (&mut ticket.rx).await {
                         Ok(Handoff::TimedOut) => {
                             self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                             return Err(PoolError::WaitTimeout(wait));
@@ -628,6 +629,12 @@ impl Pool {
         wait: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<Server, PoolError> {
         use crate::budget::Acquired;
+        // Freed on every way out but success, a dropped future included.
+        let mut slot = OpeningSlot {
+            pool: self,
+            connecting: false,
+            kept: false,
+        };
         let addr = self.addr.load_full();
         let acquired = match self.budgets.try_acquire(&addr) {
             Some(p) => Acquired::Permit(p),
@@ -638,12 +645,8 @@ impl Pool {
         };
         let permit = match acquired {
             Acquired::Permit(p) => p,
-            Acquired::OwnIdle => {
-                self.release_slot();
-                return Err(PoolError::Retry);
-            }
+            Acquired::OwnIdle => return Err(PoolError::Retry),
             Acquired::TimedOut => {
-                self.release_slot();
                 if wait.is_some() {
                     self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                 }
@@ -652,6 +655,7 @@ impl Pool {
         };
         let generation = self.generation.load(Ordering::Relaxed);
         self.connecting.fetch_add(1, Ordering::Relaxed);
+        slot.connecting = true;
         let r = async {
             let password = match &self.rds_iam {
                 // A token for this server and user (cached for 10 minutes).
@@ -675,6 +679,7 @@ impl Pool {
         }
         .await;
         self.connecting.fetch_sub(1, Ordering::Relaxed);
+        slot.connecting = false;
         match r {
             Ok(mut s) => {
                 s.generation = generation;
@@ -702,7 +707,6 @@ impl Pool {
                         Err(e) => {
                             self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                             drop(s);
-                            self.release_slot();
                             return Err(PoolError::Connect(BackendError::Protocol {
                                 addr: crate::backend::display_addr(&addr),
                                 source: e,
@@ -730,11 +734,11 @@ impl Pool {
                     self.startup_params.store(Some(Arc::new(s.params.clone())));
                 }
                 tracing::debug!(db = %self.database, user = %self.user, server = s.id, pid = s.cancel.pid, "server connection opened");
+                slot.kept = true;
                 Ok(s)
             }
             Err(e) => {
                 self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                self.release_slot();
                 Err(e.into())
             }
         }
@@ -1111,6 +1115,47 @@ impl Pool {
                     }
                 }
             });
+        }
+    }
+}
+
+/// A waiting checkout's end of its hand-over. If the checkout is dropped (KILL, the
+/// drain, a removed database) after a server or a slot was handed to it but before it
+/// looked, they go back to the pool: otherwise the pool would count a server that no one
+/// holds, for ever.
+struct Ticket<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Handoff>,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Handoff::Server(s)) => self.pool.checkin(s),
+            Ok(Handoff::Slot) => self.pool.release_slot(),
+            Ok(Handoff::TimedOut) | Err(_) => {}
+        }
+    }
+}
+
+/// A slot counted in the pool's total while a server is opened for it: freed (to the
+/// next waiter, or the pool shrinks) unless the opening succeeds, also when the opening
+/// future is dropped half-way.
+struct OpeningSlot<'a> {
+    pool: &'a Pool,
+    /// Counted in `connecting`.
+    connecting: bool,
+    kept: bool,
+}
+
+impl Drop for OpeningSlot<'_> {
+    fn drop(&mut self) {
+        if self.connecting {
+            self.pool.connecting.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.kept {
+            self.pool.release_slot();
         }
     }
 }
