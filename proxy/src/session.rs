@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use pgmux_config::{
     AuthSecret, AuthType, ClientTlsMode, Config, ReadRouting, ReadYourWrites, SessionStateAction,
 };
@@ -343,6 +343,7 @@ async fn serve_client(
                 statements: ClientStatements::default(),
                 skip_to_sync: false,
                 to_server: BytesMut::new(),
+                replay: Vec::new(),
                 entry,
                 pin: None,
                 pinned: None,
@@ -993,6 +994,9 @@ struct Session<'a> {
     skip_to_sync: bool,
     /// Bytes on their way to the linked server.
     to_server: BytesMut,
+    /// A copy of the link's first unit while it may be sent again ([`Resend`]). Reused
+    /// across transactions (no allocation per unit); let go of when it grew large.
+    replay: Vec<u8>,
     /// This client in the registry (state for listings, kill token).
     entry: &'a ClientEntry,
     /// Session state this client made (`session_state_action = "pin"`): its server stays
@@ -1039,17 +1043,19 @@ struct LinkCounters {
 enum LinkEnd {
     Released,
     Ended(DisconnectReason),
-    /// The server died before answering (see [`Resend`]): these bytes go back in front
-    /// of the client's buffer and the unit is routed again.
-    Retry(Bytes),
+    /// The server died before answering (see [`Resend`]): the unit is routed again. True:
+    /// the unit (in [`Session::replay`]) goes back in front of the client's buffer; false:
+    /// nothing of the client's had been taken yet.
+    Retry(bool),
 }
 
 /// The first unit of a link, kept while it may still be sent again to another server.
+#[derive(Clone, Copy)]
 enum Resend {
     /// A read-only unit on a replica: until its answer is complete (held back from the
     /// client until then, up to [`HOLD_LIMIT`]). A hot standby cannot write, so running
     /// it again is safe whatever happened to the first attempt.
-    Answer(Bytes),
+    Answer,
     /// A unit on the primary: until the server has completed anything (a CommandComplete,
     /// an error, a COPY, a ReadyForQuery: see [`early_answer`]), and for at most
     /// [`RESEND_WINDOW`] after it was sent; the answer so far is held back meanwhile (up
@@ -1064,15 +1070,7 @@ enum Resend {
     /// between the pool's liveness check and the client's query, cost the client nothing.
     /// A statement that was running longer when its backend was terminated gets the
     /// error: the operator may have meant to stop it.
-    BeforeCompletion(Bytes),
-}
-
-impl Resend {
-    fn into_unit(self) -> Bytes {
-        match self {
-            Resend::Answer(b) | Resend::BeforeCompletion(b) => b,
-        }
-    }
+    BeforeCompletion,
 }
 
 /// Whether `r` may still be sent again at `now`, its first write having been at `sent`.
@@ -1082,8 +1080,8 @@ fn resend_allowed(
     now: impl FnOnce() -> std::time::Instant,
 ) -> bool {
     match r {
-        Resend::Answer(_) => true,
-        Resend::BeforeCompletion(_) => {
+        Resend::Answer => true,
+        Resend::BeforeCompletion => {
             sent.is_none_or(|t| now().saturating_duration_since(t) <= RESEND_WINDOW)
         }
     }
@@ -1137,6 +1135,8 @@ fn early_answer(buf: &[u8]) -> Early {
 const QUERY_CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Attempts of one unit after its replica died; then the client gets the error.
 const MAX_UNIT_RETRIES: u32 = 3;
+/// Largest [`Session::replay`] kept between transactions (an idle client's memory).
+const REPLAY_KEEP: usize = 1024;
 /// Largest answer to a replayable replica unit held back until it is complete.
 const HOLD_LIMIT: usize = 64 * 1024;
 /// How long after a unit went to the primary a dead server's goodbye still lets it run
@@ -1313,19 +1313,23 @@ impl<'a> Session<'a> {
                     self.client.server_lost().await;
                     return DisconnectReason::ServerClosed;
                 }
-                LinkEnd::Retry(unit) => {
+                LinkEnd::Retry(with_unit) => {
                     retries += 1;
                     if retries > MAX_UNIT_RETRIES {
                         self.client.server_lost().await;
                         return DisconnectReason::ServerClosed;
                     }
-                    if !unit.is_empty() {
+                    if with_unit {
+                        let unit = &self.replay;
                         let mut b = BytesMut::with_capacity(unit.len() + self.client.rbuf.len());
-                        b.extend_from_slice(&unit);
+                        b.extend_from_slice(unit);
                         b.extend_from_slice(&self.client.rbuf);
                         self.client.rbuf = b;
                     }
                 }
+            }
+            if self.replay.capacity() > REPLAY_KEEP {
+                self.replay = Vec::new();
             }
         }
     }
@@ -1417,7 +1421,7 @@ impl<'a> Session<'a> {
             if let Target::Replica(i) = choice.target {
                 match Box::pin(set.pools[i].checkout(wait)).await {
                     Ok(s) => {
-                        let replay = self.replayable_unit().map(Resend::Answer);
+                        let replay = self.replayable_unit().then_some(Resend::Answer);
                         return Ok((s, choice, replay));
                     }
                     Err(PoolError::Connect(e)) => {
@@ -1438,7 +1442,7 @@ impl<'a> Session<'a> {
         Ok((
             server,
             choice,
-            self.replayable_unit().map(Resend::BeforeCompletion),
+            self.replayable_unit().then_some(Resend::BeforeCompletion),
         ))
     }
 
@@ -1460,13 +1464,18 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A copy of the client's next unit, if it could run again on another server (and
-    /// is at most [`HOLD_LIMIT`] long: a huge unit is not copied).
-    fn replayable_unit(&self) -> Option<Bytes> {
+    /// Copies the client's next unit into [`Session::replay`] if it could run again on
+    /// another server (and is at most [`HOLD_LIMIT`] long: a huge unit is not copied).
+    fn replayable_unit(&mut self) -> bool {
         let rbuf = &self.client.rbuf;
-        replayable_len(rbuf, &self.statements, self.cfg.max_message_size)
-            .filter(|n| *n <= HOLD_LIMIT)
-            .map(|n| Bytes::copy_from_slice(&rbuf[..n]))
+        match replayable_len(rbuf, &self.statements, self.cfg.max_message_size) {
+            Some(n) if n <= HOLD_LIMIT => {
+                self.replay.clear();
+                self.replay.extend_from_slice(&rbuf[..n]);
+                true
+            }
+            _ => false,
+        }
     }
 
     // Not an `async fn`: an async fn's future keeps its arguments twice (as passed, and
@@ -1510,7 +1519,7 @@ impl<'a> Session<'a> {
                         if let (Some(r), Some(set)) = (&replica, &self.replicas) {
                             set.topology.lost_before_answer(r);
                         }
-                        return LinkEnd::Retry(Bytes::new());
+                        return LinkEnd::Retry(false);
                     }
                 }
             }
@@ -1903,12 +1912,12 @@ impl<'a> Session<'a> {
                     let goodbye = early_answer(&server.buf) == Early::Death;
                     let safe = |r: &Resend| {
                         resend_allowed(r, query_start, std::time::Instant::now)
-                            && (matches!(r, Resend::Answer(_)) || unsent || goodbye)
+                            && (matches!(r, Resend::Answer) || unsent || goodbye)
                     };
-                    if let Some(unit) = replay.take().filter(safe) {
+                    if replay.take().filter(safe).is_some() {
                         client.wbuf.truncate(reply_start);
                         *skip_to_sync = skip_at_start;
-                        return LinkEnd::Retry(unit.into_unit());
+                        return LinkEnd::Retry(true);
                     }
                     tracing::info!(db = %pool.database, user = %pool.user, client = entry.id, running_for = ?query_start.map(|t| t.elapsed()), "server connection lost under a client");
                     if server.said_fatal {
@@ -1924,7 +1933,7 @@ impl<'a> Session<'a> {
                     // One clock read for the resend window and the query durations.
                     let mut read_at = None;
                     let mut now = || *read_at.get_or_insert_with(std::time::Instant::now);
-                    if let Some(r @ Resend::BeforeCompletion(_)) = &replay {
+                    if let Some(r @ Resend::BeforeCompletion) = &replay {
                         // Past the window the answer is not held any longer either.
                         let allowed = resend_allowed(r, query_start, &mut now);
                         match early_answer(&server.buf) {
@@ -1935,8 +1944,7 @@ impl<'a> Session<'a> {
                                 server.peer_closed = true;
                                 client.wbuf.truncate(reply_start);
                                 *skip_to_sync = skip_at_start;
-                                let unit = replay.take().map(Resend::into_unit);
-                                return LinkEnd::Retry(unit.unwrap_or_default());
+                                return LinkEnd::Retry(true);
                             }
                             Early::Death => {
                                 tracing::info!(after = ?query_start.map(|t| t.elapsed()), "server terminated while running a unit; the client gets the error");
