@@ -333,6 +333,7 @@ async fn serve_client(
             let mut s = Session {
                 shared,
                 cfg: &cfg,
+                live: arc_swap::Cache::new(&shared.config),
                 pool,
                 replicas,
                 read_routing,
@@ -977,7 +978,12 @@ async fn report_checkout_error(client: &mut Client, e: &PoolError) {
 
 struct Session<'a> {
     shared: &'a Arc<Shared>,
+    /// The configuration as of login (what the client's login was checked against).
     cfg: &'a Arc<Config>,
+    /// The live configuration, for what a reload changes from the next transaction on. A
+    /// cache: looking costs one atomic load while nothing changed. It keeps the
+    /// configuration it last saw alive until it looks again.
+    live: arc_swap::Cache<&'a arc_swap::ArcSwap<Config>, Arc<Config>>,
     /// The primary's pool.
     pool: Arc<Pool>,
     /// Replica pools, when the database has replicas and routing is not primary_only.
@@ -1221,7 +1227,7 @@ impl<'a> Session<'a> {
                     return DisconnectReason::ClientClosed;
                 }
                 // Boxed and only when configured: an idle client's task stays small.
-                let idle_timeout = self.shared.config.load().client_idle_timeout;
+                let idle_timeout = self.live.load().client_idle_timeout;
                 let mut idle_timer =
                     (!idle_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(idle_timeout)));
                 // A pinned server is read while idle too: LISTEN notifications go to the
@@ -1393,7 +1399,7 @@ impl<'a> Session<'a> {
     /// For a replica, also a copy of the unit when it may be sent again elsewhere.
     async fn checkout(&mut self) -> Result<(PooledServer, Choice, Option<Resend>), PoolError> {
         // Read now, not at login: a live change applies to the next transaction.
-        let wait = self.shared.config.load().query_wait_timeout;
+        let wait = self.live.load().query_wait_timeout;
         // The replica set as of the latest reload (replicas added, removed or moved).
         self.replicas = self.pool.replicas();
         let mut choice = Choice {
@@ -1647,7 +1653,7 @@ impl<'a> Session<'a> {
     /// Counts and logs session-state statements seen during a link, and asks for the
     /// server to be pinned (`session_state_action = "pin"`, on the primary).
     fn session_state_seen(&mut self, pool: &Pool, f: Feature, count: u64, replica: bool) {
-        let action = self.shared.config.load().session_state_action;
+        let action = self.live.load().session_state_action;
         let stats = &pool.stats;
         let app = self.params.get("application_name").unwrap_or("");
         stats.count_session_state(app, f, count);
@@ -1711,7 +1717,7 @@ impl<'a> Session<'a> {
         let entry = self.entry;
         let shutdown = &self.shared.shutdown;
         // The configuration as of this link (a live change applies from the next one).
-        let live = self.shared.config.load_full();
+        let live: &Config = self.live.load();
         let (idle_tx_timeout, query_timeout, state_action) = (
             live.idle_transaction_timeout,
             live.query_timeout,
