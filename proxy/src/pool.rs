@@ -11,6 +11,13 @@
 //! are reused, ones idle inside a transaction are rolled back first, busy or corrupt ones
 //! are cancelled and closed. A server is never handed on in a dirty state.
 //!
+//! A waiting checkout has no timer of its own: each waiter carries its query_wait_timeout
+//! deadline and one task per pool ([`sweep_waiters`], alive while anyone waits) ends the
+//! waits that are due. A checkout dropped while it waits (KILL, the drain) gives back a
+//! server or slot handed to it in the meantime ([`Ticket`]), and one dropped while it
+//! opens a server frees the slot ([`OpeningSlot`]): the pool never counts a server that no
+//! one holds.
+//!
 //! Live control, all under the same mutex: a *paused* pool hands nothing out (checkouts
 //! queue as waiters, servers coming back go idle) until resumed; the *generation* is
 //! bumped by reconnect/kill, and a server opened before it is closed when it comes back;
