@@ -477,29 +477,25 @@ impl Pool {
             enum Next {
                 Ready(Box<Server>),
                 Connect,
-                Wait(oneshot::Receiver<Handoff>, bool),
+                Wait((oneshot::Receiver<Handoff>, bool)),
             }
             let next = {
                 let mut g = self.lock();
-                if !g.paused {
-                    if let Some(s) = g.idle.pop() {
-                        Next::Ready(s)
-                    } else if g.total < self.max_size.load(Ordering::Relaxed) {
-                        g.total += 1;
-                        Next::Connect
-                    } else {
-                        let (rx, spawn) = Self::enqueue(&mut g, start(), wait);
-                        Next::Wait(rx, spawn)
-                    }
+                if g.paused {
+                    Next::Wait(Self::enqueue(&mut g, start(), wait))
+                } else if let Some(s) = g.idle.pop() {
+                    Next::Ready(s)
+                } else if g.total < self.max_size.load(Ordering::Relaxed) {
+                    g.total += 1;
+                    Next::Connect
                 } else {
-                    let (rx, spawn) = Self::enqueue(&mut g, start(), wait);
-                    Next::Wait(rx, spawn)
+                    Next::Wait(Self::enqueue(&mut g, start(), wait))
                 }
             };
             let handoff = match next {
                 Next::Ready(s) => Handoff::Server(s),
                 Next::Connect => Handoff::Slot,
-                Next::Wait(rx, spawn_sweeper) => {
+                Next::Wait((rx, spawn_sweeper)) => {
                     if spawn_sweeper {
                         tokio::spawn(sweep_waiters(Arc::downgrade(self)));
                     }

@@ -8,8 +8,11 @@
 //! cover against real servers.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
+
+use pgmux_proxy::pool::Pool;
 
 #[path = "../benches/standin.rs"]
 mod standin;
@@ -21,30 +24,10 @@ async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx))).await
 }
 
-#[tokio::test]
-async fn a_dropped_wait_gives_back_the_server_handed_to_it() {
-    let pool = standin::pool(standin::login_only_server().await, 1);
-    let held = pool.checkout(WAIT).await.expect("a server");
-    let mut waiting = Box::pin(pool.checkout(WAIT));
-    assert!(
-        poll_once(&mut waiting).await.is_pending(),
-        "the pool is full"
-    );
-    assert_eq!(pool.counts().waiting, 1);
-    // The server goes back and is handed to the waiting checkout ...
-    drop(held);
-    // ... which is dropped before it looks at what it got.
-    drop(waiting);
-    let c = pool.counts();
-    assert_eq!((c.total, c.idle, c.waiting), (1, 1, 0), "{c:?}");
-    let again = tokio::time::timeout(Duration::from_secs(5), pool.checkout(WAIT))
-        .await
-        .expect("the server came back to the pool");
-    assert!(again.is_ok());
-}
-
-#[tokio::test]
-async fn a_dropped_wait_gives_back_the_slot_handed_to_it() {
+/// Takes the only server of a pool of one, queues a second checkout, gives the server back
+/// (`broken`: it comes back broken and is closed, so a slot, permission to open a server,
+/// is handed over instead) and drops the queued checkout before it looks at what it got.
+async fn drop_a_wait_that_was_handed_something(broken: bool) -> Arc<Pool> {
     let pool = standin::pool(standin::login_only_server().await, 1);
     let mut held = pool.checkout(WAIT).await.expect("a server");
     let mut waiting = Box::pin(pool.checkout(WAIT));
@@ -52,17 +35,37 @@ async fn a_dropped_wait_gives_back_the_slot_handed_to_it() {
         poll_once(&mut waiting).await.is_pending(),
         "the pool is full"
     );
-    // A slot (permission to open a server) is handed over when the held server closes:
-    // one that comes back broken is closed.
-    held.dirty = true;
+    assert_eq!(pool.counts().waiting, 1);
+    held.dirty = broken;
+    // The server (or its slot) goes to the waiting checkout ...
     drop(held);
+    // ... which is dropped before it looks at what it got.
     drop(waiting);
-    let c = pool.counts();
-    assert_eq!((c.total, c.idle, c.waiting), (0, 0, 0), "{c:?}");
+    pool
+}
+
+/// A new checkout gets a server within a few seconds (`what` came back to the pool).
+async fn checkout_again(pool: &Arc<Pool>, what: &str) {
     let again = tokio::time::timeout(Duration::from_secs(5), pool.checkout(WAIT))
         .await
-        .expect("the slot came back to the pool");
+        .unwrap_or_else(|_| panic!("{what} did not come back to the pool"));
     assert!(again.is_ok());
+}
+
+#[tokio::test]
+async fn a_dropped_wait_gives_back_the_server_handed_to_it() {
+    let pool = drop_a_wait_that_was_handed_something(false).await;
+    let c = pool.counts();
+    assert_eq!((c.total, c.idle, c.waiting), (1, 1, 0), "{c:?}");
+    checkout_again(&pool, "the server").await;
+}
+
+#[tokio::test]
+async fn a_dropped_wait_gives_back_the_slot_handed_to_it() {
+    let pool = drop_a_wait_that_was_handed_something(true).await;
+    let c = pool.counts();
+    assert_eq!((c.total, c.idle, c.waiting), (0, 0, 0), "{c:?}");
+    checkout_again(&pool, "the slot").await;
 }
 
 #[tokio::test]
