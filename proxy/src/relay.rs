@@ -248,7 +248,10 @@ pub fn pump_client(
             break;
         }
     }
-    append(p.out, take_front(rbuf, n));
+    // Nothing passed through: the buffer (and its capacity) stays the client's.
+    if n > 0 {
+        append(p.out, take_front(rbuf, n));
+    }
     Ok(terminate)
 }
 

@@ -2001,7 +2001,16 @@ impl<'a> Session<'a> {
                         query_start = Some(std::time::Instant::now());
                     }
                     if to_server.is_empty() {
-                        *to_server = BytesMut::new();
+                        // Sent whole, it was the client's read buffer (`pump_client` takes
+                        // a fully passed-through buffer as it is): it becomes that again,
+                        // so the client's next statement in this transaction is read into
+                        // it rather than into a fresh 8 KiB allocation. The idle wait
+                        // drops it (`read_more`).
+                        if client.rbuf.capacity() == 0 {
+                            std::mem::swap(&mut client.rbuf, to_server);
+                        } else {
+                            *to_server = BytesMut::new();
+                        }
                     }
                 }
                 Ev::ClientWrite(Ok(_)) => {
