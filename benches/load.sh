@@ -386,16 +386,40 @@ fi
 RELAY_PORT=""
 RELAY_PID=""
 RELAY_OK=0
+start_relay() { # port -> STARTED_PID; listening, and still alive a moment later (a bind
+    # that failed because another process has the port ends the relay at once)
+    "${OWN_SESSION[@]}" "$RELAY_BIN" "127.0.0.1:$1" "127.0.0.1:$PG_PORT" >"$TMP/relay.log" 2>&1 &
+    STARTED_PID=$!
+    MUX_PIDS+=("$STARTED_PID")
+    for _ in $(seq 100); do
+        alive "$STARTED_PID" || break
+        if port_in_use "$1"; then
+            sleep 0.2
+            alive "$STARTED_PID" && return 0
+            break
+        fi
+        sleep 0.1
+    done
+    stop_pgmux "$STARTED_PID"
+    return 1
+}
+start_relay_any() { # -> STARTED_PID STARTED_PORT
+    local p
+    for _ in 1 2 3; do
+        p="$(free_port)" || return 1
+        log "starting relay_floor on 127.0.0.1:$p"
+        if start_relay "$p"; then STARTED_PORT="$p"; return 0; fi
+        grep -q 'in use' "$TMP/relay.log" 2>/dev/null || return 1
+    done
+    return 1
+}
 if [ "$FLOOR" -eq 1 ]; then
-    RELAY_PORT="$(free_port)"
-    log "starting relay_floor on 127.0.0.1:$RELAY_PORT"
-    "${OWN_SESSION[@]}" "$RELAY_BIN" "127.0.0.1:$RELAY_PORT" "127.0.0.1:$PG_PORT" >"$TMP/relay.log" 2>&1 &
-    RELAY_PID=$!
-    MUX_PIDS+=("$RELAY_PID")
-    if wait_port "$RELAY_PORT" 10; then
+    if start_relay_any; then
         RELAY_OK=1
+        RELAY_PID="$STARTED_PID"
+        RELAY_PORT="$STARTED_PORT"
     else
-        echo "WARNING: relay_floor did not start; skipping it" >&2
+        echo "WARNING: relay_floor did not start; skipping it. Log:" >&2
         sed 's/^/    /' "$TMP/relay.log" >&2
     fi
 fi
