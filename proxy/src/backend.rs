@@ -235,9 +235,11 @@ pub struct CancelTarget {
     pub addr: Arc<ServerAddr>,
     pub pid: i32,
     pub secret: i32,
-    /// Held while a cancel for this server is in flight; the server is not handed to anyone
-    /// else until it is free (a late cancel must never hit a stranger's query).
-    pub lock: Arc<tokio::sync::Mutex<()>>,
+    /// One permit, held while a cancel for this server is in flight; the server is not
+    /// handed to anyone else until it is back (a late cancel must never hit a stranger's
+    /// query). A semaphore rather than a mutex: the check at the end of every transaction
+    /// is one load of its permit count, with no acquire and release.
+    pub lock: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the pool may do with a server coming back from a client.
@@ -418,7 +420,7 @@ impl Server {
                 addr,
                 pid: 0,
                 secret: 0,
-                lock: Arc::new(tokio::sync::Mutex::new(())),
+                lock: Arc::new(tokio::sync::Semaphore::new(1)),
             },
             created: now,
             last_used: now,

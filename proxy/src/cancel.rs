@@ -2,9 +2,9 @@
 //! server, if any, is serving that client *right now*.
 //!
 //! A cancel is forwarded only while the client is linked to a server. The forwarder takes
-//! the server's cancel lock before the link can be dropped (both under the slot's mutex),
-//! and the session waits for that lock before the server goes back to the pool, so a
-//! late cancel can never reach a query of another client.
+//! the server's one cancel permit before the link can be dropped (both under the slot's
+//! mutex), and the session waits for that permit before the server goes back to the pool,
+//! so a late cancel can never reach a query of another client.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +35,10 @@ impl CancelSlot {
     pub async fn unlink(&self) {
         let t = self.target().take();
         if let Some(t) = t {
-            if t.lock.try_lock().is_err() {
-                let _ = t.lock.lock().await;
+            // A cancel takes the permit under the slot's mutex, while the target is still
+            // there: with the target gone, a free permit means none is in flight or can start.
+            if t.lock.available_permits() == 0 {
+                let _ = t.lock.acquire().await;
             }
         }
     }
@@ -96,7 +98,7 @@ impl CancelRegistry {
         let (target, guard) = {
             let t = slot.target();
             let Some(t) = t.as_ref() else { return false };
-            match t.lock.clone().try_lock_owned() {
+            match t.lock.clone().try_acquire_owned() {
                 Ok(g) => (t.clone(), g),
                 Err(_) => return false, // a cancel for this query is already on its way
             }
@@ -115,5 +117,57 @@ impl CancelRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgmux_config::ServerAddr;
+
+    fn target() -> CancelTarget {
+        CancelTarget {
+            addr: Arc::new(ServerAddr {
+                host: "127.0.0.1".into(),
+                port: 1,
+                dbname: "db".into(),
+                params: Default::default(),
+                tls: Default::default(),
+            }),
+            pid: 1,
+            secret: 2,
+            lock: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    #[tokio::test]
+    async fn unlink_waits_for_a_cancel_in_flight_and_no_cancel_starts_after_it() {
+        let registry = Arc::new(CancelRegistry::default());
+        let reg = registry.register();
+        let t = target();
+        reg.slot.link(&t);
+        // What `cancel` holds while it sends the request to the server.
+        let in_flight = t.lock.clone().try_acquire_owned().unwrap();
+        let slot = reg.slot.clone();
+        let unlink = tokio::spawn(async move { slot.unlink().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !unlink.is_finished(),
+            "the server went back while a cancel was in flight"
+        );
+        drop(in_flight);
+        tokio::time::timeout(Duration::from_secs(5), unlink)
+            .await
+            .expect("unlink ends once the cancel is done")
+            .unwrap();
+        // Unlinked: the right key forwards nothing, and the permit is back for the
+        // server's next client.
+        assert!(!registry.cancel(reg.pid, reg.secret).await);
+        assert_eq!(t.lock.available_permits(), 1);
+        // Without a cancel in flight, unlink returns at once.
+        reg.slot.link(&t);
+        tokio::time::timeout(Duration::from_secs(1), reg.slot.unlink())
+            .await
+            .unwrap();
     }
 }

@@ -2046,7 +2046,7 @@ impl<'a> Session<'a> {
                     pool.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(db = %pool.database, user = %pool.user, client = entry.id, timeout = ?query_timeout, "query_timeout: cancelling the query");
                     let target = server.cancel.clone();
-                    if let Ok(guard) = target.lock.clone().try_lock_owned() {
+                    if let Ok(guard) = target.lock.clone().try_acquire_owned() {
                         tokio::spawn(async move {
                             let _held = guard;
                             let _ = send_cancel(&target, QUERY_CANCEL_GRACE).await;
