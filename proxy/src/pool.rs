@@ -302,9 +302,16 @@ pub struct Pool {
     removed: AtomicBool,
     /// Primary pools: this (database, user)'s replica pools as of the latest
     /// configuration. Sessions read it per transaction, so a reload that changes the
-    /// replica list reaches logged-in clients too.
-    replicas: ArcSwapOption<crate::routing::ReplicaSet>,
+    /// replica list reaches logged-in clients too (through [`Pool::replicas_live`]).
+    replicas: Arc<ArcSwapOption<crate::routing::ReplicaSet>>,
 }
+
+/// A session's view of its pool's replica set: one atomic load per look while the set is
+/// unchanged. It keeps the set it last saw alive until it looks again.
+pub type ReplicasLive = arc_swap::Cache<
+    Arc<ArcSwapOption<crate::routing::ReplicaSet>>,
+    Option<Arc<crate::routing::ReplicaSet>>,
+>;
 
 /// A snapshot of a pool's occupancy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,7 +391,7 @@ impl Pool {
             statements: crate::prepared::Registry::default(),
             stats: PoolStats::default(),
             removed: AtomicBool::new(false),
-            replicas: ArcSwapOption::empty(),
+            replicas: Arc::new(ArcSwapOption::empty()),
         });
         budgets.register(&pool);
         pool
@@ -454,6 +461,11 @@ impl Pool {
     /// This (database, user)'s replica pools now (primary pools; see the field).
     pub fn replicas(&self) -> Option<Arc<crate::routing::ReplicaSet>> {
         self.replicas.load_full()
+    }
+
+    /// [`Pool::replicas`] for a session that looks at every transaction.
+    pub fn replicas_live(&self) -> ReplicasLive {
+        arc_swap::Cache::new(self.replicas.clone())
     }
 
     pub fn set_replicas(&self, set: Option<Arc<crate::routing::ReplicaSet>>) {
@@ -768,9 +780,11 @@ impl Pool {
         if ms == 0 {
             return false;
         }
-        let spread = (server.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as f64 / 1024.0;
-        let limit = Duration::from_millis(ms).mul_f64(1.0 - 0.1 * spread);
-        now.saturating_duration_since(server.created) >= limit
+        // 0..=1023 from the id; the limit is shorter by spread/10240 of it (integer math:
+        // this runs at every check-in).
+        let spread = server.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54;
+        let limit = ms - ms.saturating_mul(spread) / 10240;
+        now.saturating_duration_since(server.created) >= Duration::from_millis(limit)
     }
 
     pub fn set_login_retry(&self, retry: Duration) {

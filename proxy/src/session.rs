@@ -334,6 +334,7 @@ async fn serve_client(
                 shared,
                 cfg: &cfg,
                 live: arc_swap::Cache::new(&shared.config),
+                replicas_live: pool.replicas_live(),
                 pool,
                 replicas,
                 read_routing,
@@ -988,6 +989,8 @@ struct Session<'a> {
     pool: Arc<Pool>,
     /// Replica pools, when the database has replicas and routing is not primary_only.
     replicas: Option<Arc<ReplicaSet>>,
+    /// Where `replicas` is refreshed from at every transaction.
+    replicas_live: crate::pool::ReplicasLive,
     read_routing: ReadRouting,
     /// This client's last write (read-your-writes scope `client`); 0: none.
     client_mark: u64,
@@ -1401,7 +1404,14 @@ impl<'a> Session<'a> {
         // Read now, not at login: a live change applies to the next transaction.
         let wait = self.live.load().query_wait_timeout;
         // The replica set as of the latest reload (replicas added, removed or moved).
-        self.replicas = self.pool.replicas();
+        let now = self.replicas_live.load();
+        let same = match (now, &self.replicas) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if !same {
+            self.replicas = now.clone();
+        }
         let mut choice = Choice {
             target: Target::Primary,
             writes: true,
