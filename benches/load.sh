@@ -6,6 +6,7 @@
 # Usage: benches/load.sh [--duration SECONDS] [--scenarios "NAME ..."|all] [--pool-size 20]
 #                        [--logins 1000] [--idle-clients 10000] [--csv FILE] [--no-build]
 #                        [--clients "50 1000"] [--modes "simple extended prepared"] [--floor]
+#                        [--rounds N]
 #
 # Builds pgmux (release), starts a throwaway PostgreSQL on 127.0.0.1 (max_connections 200),
 # loads `pgbench -i -s 10`, starts pgmux and PgBouncer (transaction pooling, same pool size,
@@ -37,7 +38,11 @@
 # that only copies bytes (one upstream connection per client, no parsing, no pooling, one
 # current-thread runtime, in a session of its own), the cost of one extra process hop on
 # the machine, which no proxy can go below (built with pgmux unless --no-build).
-# --csv appends one row per pgbench run: target,mode,clients,tps,lat_avg_ms,connect_ms,
+# --rounds N runs every pgbench scenario N times, the targets taking turns (direct, relay,
+# pgmux, PgBouncer, then again), and reports each figure's median over the rounds, plus
+# the pgmux/PgBouncer TPS ratio of every round: on a small shared machine one run's ratio
+# moves by about 5%, and alternating rounds put the same drift on both poolers.
+# --csv appends one row per pgbench run (with --rounds, one row of medians): target,mode,clients,tps,lat_avg_ms,connect_ms,
 # pooler_cpu_us_per_tx,peak_rss_mb,p99_ms,scenario (scenario "sweep" for sweep rows; mode is
 # "tpcb" for tpcb50 and "simple-connect" for churn). Everything is cleaned up on exit;
 # a failing run prints FAILED and the rest continue.
@@ -55,6 +60,7 @@ IDLE_CLIENTS=10000
 CSV=""
 BUILD=1
 FLOOR=0
+ROUNDS=1
 SCENARIOS=""
 SCENARIOS_SET=0
 SWEEP_SET=0
@@ -86,6 +92,8 @@ while [ $# -gt 0 ]; do
         --csv=*) CSV="${1#*=}"; shift ;;
         --no-build) BUILD=0; shift ;;
         --floor) FLOOR=1; shift ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
+        --rounds=*) ROUNDS="${1#*=}"; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -94,10 +102,11 @@ for m in $MODES; do
     case "$m" in simple|extended|prepared) ;; *) echo "unknown mode: $m" >&2; exit 2 ;; esac
 done
 # shellcheck disable=SC2086
-for v in "$DURATION" "$POOL_SIZE" "$LOGINS" "$IDLE_CLIENTS" $CLIENTS; do
+for v in "$DURATION" "$POOL_SIZE" "$LOGINS" "$IDLE_CLIENTS" "$ROUNDS" $CLIENTS; do
     [[ "$v" =~ ^[0-9]+$ ]] || { echo "not a number: $v" >&2; exit 2; }
 done
 [ "$DURATION" -gt 0 ] || { echo "--duration must be > 0" >&2; exit 2; }
+[ "$ROUNDS" -gt 0 ] || { echo "--rounds must be > 0" >&2; exit 2; }
 [ "$IDLE_CLIENTS" -gt 0 ] || { echo "--idle-clients must be > 0" >&2; exit 2; }
 
 if [ "$SCENARIOS_SET" -eq 0 ]; then
@@ -487,6 +496,8 @@ pct_over() { # a b -> (a/b - 1) * 100 as "+1.2%", or "-"
 
 # Results, keyed "KEY|TARGET" (KEY = scenario name, or sweep:MODE:CLIENTS).
 declare -A R_TPS=() R_LAT=() R_P99=() R_CPU=() R_RSS=() R_STATUS=()
+# Per round, space-separated, until finish_result: the figures of every run of a target.
+declare -A ACC_TPS=() ACC_LAT=() ACC_P99=() ACC_CONN=() ACC_CPU=() ACC_RSS=() ACC_FAILED=()
 SWEEP_ROWS=()
 SCEN_ROWS=()
 SWEEP_FMT='%-10s %-9s %8s %10s %11s %9s %11s %17s %12s'
@@ -529,8 +540,7 @@ run_pgbench() { # target port pid label mode clients jobs csvmode [pgbench flags
         rm -f "$prefix".*
         echo "FAILED: pgbench against $target [$label] (exit $rc$([ "$rc" -eq 137 ] && echo ", killed by timeout")):" >&2
         { grep -m1 -i 'error\|abort' <<<"$out" || true; tail -n 4 <<<"$out"; } | sed 's/^/    /' >&2
-        R_STATUS["$key|$target"]=FAILED
-        add_row "$label" "$target" "$mode" "$clients" FAILED - - - - -
+        ACC_FAILED["$key|$target"]=1
         return 0
     fi
     tps="$(sed -n 's/^tps = \([0-9.]*\) (.*/\1/p' <<<"$out" | head -n1)"
@@ -553,15 +563,55 @@ run_pgbench() { # target port pid label mode clients jobs csvmode [pgbench flags
         cpu="$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$txns" \
             'BEGIN { printf "%.2f", t / hz * 1e6 / n }')"
     fi
-    R_TPS["$key|$target"]="${tps:-}"
-    R_LAT["$key|$target"]="${lat:-}"
+    # One round's figures; finish_result reports them (their medians, over rounds).
+    ACC_TPS["$key|$target"]+="${tps:--} "
+    ACC_LAT["$key|$target"]+="${lat:--} "
+    ACC_P99["$key|$target"]+="$p99 "
+    ACC_CONN["$key|$target"]+="${conn:--} "
+    ACC_CPU["$key|$target"]+="$cpu "
+    ACC_RSS["$key|$target"]+="$rss "
+}
+
+median() { # printf-format values... -> the median of the numeric values, or "-"
+    local f="$1"
+    shift
+    printf '%s\n' "$@" | awk '/^[0-9]+(\.[0-9]+)?$/' | LC_ALL=C sort -g | awk -v f="$f" '
+        { a[NR] = $1 }
+        END {
+            if (NR == 0) { printf "-"; exit }
+            printf f, (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+        }'
+}
+
+finish_result() { # target label mode clients csvmode: report the rounds of one target
+    local target="$1" label="$2" mode="$3" clients="$4" csvmode="$5" key tps lat p99 conn cpu rss
+    if [ "$label" = sweep ]; then key="sweep:$mode:$clients"; else key="$label"; fi
+    if [ -n "${ACC_FAILED[$key|$target]:-}" ]; then
+        R_STATUS["$key|$target"]=FAILED
+        add_row "$label" "$target" "$mode" "$clients" FAILED - - - - -
+        return 0
+    fi
+    # shellcheck disable=SC2086  # the accumulated lists split on spaces
+    {
+        tps="$(median '%.6f' ${ACC_TPS[$key|$target]})"
+        lat="$(median '%.3f' ${ACC_LAT[$key|$target]})"
+        p99="$(median '%.3f' ${ACC_P99[$key|$target]})"
+        conn="$(median '%.3f' ${ACC_CONN[$key|$target]})"
+        cpu="$(median '%.2f' ${ACC_CPU[$key|$target]})"
+        rss="$(median '%.1f' ${ACC_RSS[$key|$target]})"
+    }
+    [ "$tps" = - ] && tps=""
+    [ "$lat" = - ] && lat=""
+    [ "$conn" = - ] && conn=""
+    R_TPS["$key|$target"]="$tps"
+    R_LAT["$key|$target"]="$lat"
     R_P99["$key|$target"]="$p99"
     R_CPU["$key|$target"]="$cpu"
     R_RSS["$key|$target"]="$rss"
     R_STATUS["$key|$target"]=ok
     if [ -n "$CSV" ]; then
         [ -s "$CSV" ] || echo "target,mode,clients,tps,lat_avg_ms,connect_ms,pooler_cpu_us_per_tx,peak_rss_mb,p99_ms,scenario" >"$CSV"
-        echo "$target,$csvmode,$clients,${tps:-},${lat:-},${conn:-},${cpu/-/},${rss/-/},${p99/-/},$label" >>"$CSV"
+        echo "$target,$csvmode,$clients,$tps,$lat,$conn,${cpu/-/},${rss/-/},${p99/-/},$label" >>"$CSV"
     fi
     add_row "$label" "$target" "$mode" "$clients" "$(fmt0 "${tps:-?}")" "${lat:-?}" "$p99" "${conn:--}" "$cpu" "$rss"
 }
@@ -579,24 +629,34 @@ pgb_unsupported() { # label mode clients
 }
 
 run_all_targets() { # label mode clients jobs csvmode [pgbench flags...]
-    local label="$1" mode="$2" clients="$3" jobs="$4" csvmode="$5"
+    local label="$1" mode="$2" clients="$3" jobs="$4" csvmode="$5" targets=() t round
     shift 5
     if [ "$clients" -le "$DIRECT_MAX_CLIENTS" ]; then
-        run_pgbench direct "$PG_PORT" "" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
-        if [ "$RELAY_OK" -eq 1 ]; then
-            run_pgbench relay "$RELAY_PORT" "$RELAY_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
-        fi
+        targets+=(direct)
+        if [ "$RELAY_OK" -eq 1 ]; then targets+=(relay); fi
     fi
-    if [ "$PGMUX_OK" -eq 1 ]; then
-        run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
-    fi
+    if [ "$PGMUX_OK" -eq 1 ]; then targets+=(pgmux); fi
+    local pgb_unsupported=0
     if [ "$PGB_OK" -eq 1 ]; then
         if [ "$mode" = prepared ] && [ "$PGB_PREPARED" -eq 0 ]; then
-            pgb_unsupported "$label" "$mode" "$clients"
+            pgb_unsupported=1
         else
-            run_pgbench pgbouncer "$PGB_PORT" "$PGB_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@"
+            targets+=(pgbouncer)
         fi
     fi
+    for round in $(seq "$ROUNDS"); do
+        [ "$ROUNDS" -eq 1 ] || log "round $round of $ROUNDS [$label]"
+        for t in "${targets[@]}"; do
+            case "$t" in
+                direct) run_pgbench direct "$PG_PORT" "" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@" ;;
+                relay) run_pgbench relay "$RELAY_PORT" "$RELAY_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@" ;;
+                pgmux) run_pgbench pgmux "$PGMUX_PORT" "$PGMUX_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@" ;;
+                pgbouncer) run_pgbench pgbouncer "$PGB_PORT" "$PGB_PID" "$label" "$mode" "$clients" "$jobs" "$csvmode" "$@" ;;
+            esac
+        done
+    done
+    for t in "${targets[@]}"; do finish_result "$t" "$label" "$mode" "$clients" "$csvmode"; done
+    if [ "$pgb_unsupported" -eq 1 ]; then pgb_unsupported "$label" "$mode" "$clients"; fi
 }
 
 # --- pgbench scenarios -----------------------------------------------------------
@@ -708,6 +768,9 @@ fi
 echo
 echo "pgmux vs PgBouncer ($PGB_VERSION_STR) vs direct: ${DURATION}s per pgbench run" \
     "(+clients/$CONNECT_ALLOWANCE_DIV s connection allowance), pool size $POOL_SIZE, scale $SCALE, $(nproc) CPUs"
+if [ "$ROUNDS" -gt 1 ]; then
+    echo "every pgbench figure is the median of $ROUNDS rounds, the targets taking turns in each"
+fi
 echo "tps excludes connection time (churn: includes reconnections); lat avg is pgbench's" \
     "(churn: includes connecting); p99 from the -l log (churn: a pgbench thread blocks while" \
     "one client connects, so the others' transactions wait too);"
@@ -754,6 +817,17 @@ if [ "${#SCEN_ROWS[@]}" -gt 0 ]; then
             "$([ "$FLOOR" -eq 1 ] && printf ' %13s %15s' "$(ratio "${R_TPS[$s|relay]:-}" "${R_TPS[$s|direct]:-}")" \
                 "$(ratio "${R_CPU[$s|pgmux]:-}" "${R_CPU[$s|relay]:-}")")"
     done
+    if [ "$ROUNDS" -gt 1 ]; then
+        echo "pgmux/pgbouncer tps, round by round:"
+        for s in $PGBENCH_SCENARIOS; do
+            read -ra a <<<"${ACC_TPS[$s|pgmux]:-}"
+            read -ra b <<<"${ACC_TPS[$s|pgbouncer]:-}"
+            [ "${#b[@]}" -gt 0 ] || continue
+            line=""
+            for i in "${!a[@]}"; do line+=" $(ratio "${a[$i]}" "${b[$i]:-}")"; done
+            printf '  %-11s%s\n' "$s" "${line:- -}"
+        done
+    fi
     if scen_on single; then
         echo "single: avg latency over direct: pgmux $(pct_over "${R_LAT[single|pgmux]:-}" "${R_LAT[single|direct]:-}")," \
             "PgBouncer $(pct_over "${R_LAT[single|pgbouncer]:-}" "${R_LAT[single|direct]:-}")$(
