@@ -2050,7 +2050,7 @@ impl<'a> Session<'a> {
                 }
                 Ev::QueryTimeout if !cancel_sent => {
                     // Cancel it as a client's CancelRequest would: the client gets 57014
-                    // and its session goes on. The cancel lock keeps the server from
+                    // and its session goes on. The cancel permit keeps the server from
                     // being released to anyone else while the cancel is in flight.
                     cancel_sent = true;
                     pool.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
