@@ -28,11 +28,7 @@ const PARAM_TYPES: &[u8] = &[0, 1, 0, 0, 0, 23];
 #[path = "standin.rs"]
 mod standin;
 
-fn msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
-    out.put_u8(tag);
-    out.put_i32((body.len() + 4) as i32);
-    out.put_slice(body);
-}
+use standin::message as msg;
 
 fn cstr(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());

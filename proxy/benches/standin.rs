@@ -9,7 +9,8 @@ use bytes::{BufMut, BytesMut};
 use pgmux_config::ServerAddr;
 use pgmux_proxy::pool::{Pool, PoolSettings};
 
-fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+/// Appends one protocol message (tag, length, body) to `out`.
+pub fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_u8(tag);
     out.put_i32((body.len() + 4) as i32);
     out.put_slice(body);

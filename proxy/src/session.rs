@@ -1405,11 +1405,7 @@ impl<'a> Session<'a> {
         let wait = self.live.load().query_wait_timeout;
         // The replica set as of the latest reload (replicas added, removed or moved).
         let now = self.replicas_live.load();
-        let same = match (now, &self.replicas) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (a, b) => a.is_none() && b.is_none(),
-        };
-        if !same {
+        if now.as_ref().map(Arc::as_ptr) != self.replicas.as_ref().map(Arc::as_ptr) {
             self.replicas = now.clone();
         }
         let mut choice = Choice {
