@@ -598,9 +598,10 @@ impl Pool {
     }
 
     /// Ends the waits whose query_wait_timeout has passed at `now` (they get
-    /// [`Handoff::TimedOut`]) and drops waiters that gave up. Returns the earliest
-    /// deadline still ahead, or None when no one waits any more: then the sweeper stops
-    /// (the next waiter starts another).
+    /// [`Handoff::TimedOut`]) and drops waiters that gave up. Returns when to look again:
+    /// the earliest deadline still ahead, at most [`SWEEP_INTERVAL`] away (waiters that
+    /// give up are noticed no later). None when no one waits any more: then the sweeper
+    /// stops (the next waiter starts another).
     fn expire_waiters(&self, now: Instant) -> Option<Instant> {
         let mut g = self.lock();
         let due = |w: &Waiter| w.tx.is_closed() || w.deadline.is_some_and(|d| d <= now);
@@ -617,13 +618,12 @@ impl Pool {
             g.sweeping = false;
             return None;
         }
-        let never = now + SWEEP_INTERVAL;
+        let latest = now + SWEEP_INTERVAL;
         Some(
             g.waiters
                 .iter()
                 .filter_map(|w| w.deadline)
-                .min()
-                .unwrap_or(never),
+                .fold(latest, Instant::min),
         )
     }
 
@@ -1191,8 +1191,7 @@ async fn sweep_waiters(pool: std::sync::Weak<Pool>) {
         let Some(next) = pool.upgrade().and_then(|p| p.expire_waiters(now)) else {
             return;
         };
-        let at = next.min(now + SWEEP_INTERVAL);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
     }
 }
 

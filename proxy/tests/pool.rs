@@ -1,7 +1,8 @@
 //! The pool's accounting when a checkout is dropped half-way: the session's task drops its
 //! checkout when KILL, the drain or a reload's removal of the database ends a waiting
 //! client. Whatever was handed to that checkout must come back to the pool, or the pool
-//! counts a server no one holds and its clients wait for ever.
+//! counts a server no one holds and its clients wait for ever. Also: the waits' shared
+//! sweeper ends every wait on time.
 //!
 //! The servers log in to a stand-in (`benches/standin.rs`): these tests look at the pool's
 //! bookkeeping, not at PostgreSQL's behaviour, which the workspace's integration tests
@@ -82,4 +83,32 @@ async fn a_dropped_connect_frees_its_slot() {
     drop(opening);
     let c = pool.counts();
     assert_eq!((c.total, c.connecting), (0, 0), "{c:?}");
+}
+
+/// The waits share one sweeper, which sleeps until the earliest deadline it has seen. A
+/// wait that starts while it sleeps towards a far deadline (a live change to a shorter
+/// query_wait_timeout) still ends on time, give or take the sweeper's longest sleep
+/// (100 ms), not when the far deadline comes.
+#[tokio::test]
+async fn a_short_wait_behind_a_long_one_ends_on_time() {
+    let pool = standin::pool(standin::login_only_server().await, 1);
+    let _held = pool.checkout(WAIT).await.expect("a server");
+    let mut long = Box::pin(pool.checkout(WAIT));
+    assert!(poll_once(&mut long).await.is_pending(), "the pool is full");
+    // The sweeper starts and goes to sleep.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = std::time::Instant::now();
+    let short = tokio::time::timeout(
+        Duration::from_secs(5),
+        pool.checkout(Duration::from_millis(300)),
+    )
+    .await
+    .expect("the short wait ended long before the long one");
+    let waited = start.elapsed();
+    assert!(short.is_err(), "no server was free");
+    assert!(
+        (Duration::from_millis(300)..Duration::from_millis(1500)).contains(&waited),
+        "a 300 ms wait took {waited:?}"
+    );
+    assert_eq!(pool.counts().waiting, 1, "the long wait goes on");
 }
