@@ -540,3 +540,63 @@ fn a_backend_terminated_under_an_idle_transaction_gives_one_fatal() {
     );
     assert_eq!(c.read_message(), None, "nothing after the FATAL");
 }
+
+/// After a failover the old primary can come back read-only while the address still leads
+/// to it: every write fails with 25006 "cannot execute INSERT in a read-only transaction".
+/// A pooler that keeps reusing those connections fails writes until server_lifetime, even
+/// after the address leads to the promoted node. pgmux closes a primary's server that
+/// refused a write as read-only instead of reusing it, and a client that logged in while
+/// the node was read-only does not carry that default (`default_transaction_read_only =
+/// on`) onto the writable node's servers.
+///
+/// The role's `default_transaction_read_only` stands in for the read-only node: it applies
+/// to the sessions that start while it is set, so resetting it is the address moving on
+/// (new logins writable, the open ones still read-only).
+#[test]
+fn servers_that_refused_a_write_as_read_only_are_not_reused() {
+    let db = TestDb::new("read_only");
+    db.setup("CREATE TABLE written (x int)");
+    db.psql(&format!(
+        "ALTER ROLE \"{}\" SET default_transaction_read_only = on",
+        db.user
+    ));
+    let px = db.pgmux(&["--pool-size", "2"]);
+    // Both servers open, on the read-only node.
+    let mut conns: Vec<RawConn> = (0..2).map(|_| db.raw(&px)).collect();
+    for c in &mut conns {
+        assert!(c.simple_query("BEGIN").iter().all(|(t, _)| *t != b'E'));
+    }
+    for c in &mut conns {
+        assert!(c.simple_query("COMMIT").iter().all(|(t, _)| *t != b'E'));
+    }
+    assert_eq!(backends(&db), 2);
+    let mut client = conns.pop().unwrap();
+    let insert = "INSERT INTO written VALUES (1)";
+    let refused = error_of(&client.simple_query(insert)).expect("the write is refused");
+    assert_eq!(refused[&'C'], "25006", "{refused:?}");
+    // The address moves on: sessions that start now are writable.
+    db.psql(&format!(
+        "ALTER ROLE \"{}\" RESET default_transaction_read_only",
+        db.user
+    ));
+    // The other server opened on the read-only node refuses once more, at most; then every
+    // write goes through.
+    let mut refusals = 0;
+    for _ in 0..6 {
+        match error_of(&client.simple_query(insert)) {
+            None => {}
+            Some(e) if e[&'C'] == "25006" && refusals == 0 => refusals += 1,
+            Some(e) => panic!(
+                "write failed after the node turned writable: {e:?}\n{}",
+                px.log()
+            ),
+        }
+    }
+    let written = db.psql("SELECT count(*) FROM written");
+    assert_eq!(written.trim(), (6 - refusals).to_string());
+    assert!(
+        metric(&px, "pgmux_server_closes_total", "read_only") >= 1,
+        "closes by reason: {}",
+        metric(&px, "pgmux_server_closes_total", "")
+    );
+}

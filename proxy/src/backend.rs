@@ -377,6 +377,11 @@ pub struct Server {
     /// A FATAL (or PANIC) ErrorResponse of this server went to a client: the connection
     /// ends, and the client needs no second error from pgmux.
     pub said_fatal: bool,
+    /// Refused a write as read-only (SQLSTATE 25006): after a failover the node behind
+    /// the address may be a standby, or the old primary back read-only. A primary pool
+    /// closes such a server when it comes back instead of reusing it, so clients reach the
+    /// writable node as soon as the address leads there.
+    pub refused_write: bool,
 }
 
 impl Server {
@@ -442,6 +447,7 @@ impl Server {
             budget: None,
             session_state: false,
             said_fatal: false,
+            refused_write: false,
         }
     }
 

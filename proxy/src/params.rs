@@ -43,6 +43,13 @@ pub fn canonical_name(name: &str) -> String {
         .unwrap_or_else(|| name.to_ascii_lowercase())
 }
 
+/// The tracked parameter whose default is the node's own, not the value the client saw at
+/// login: `default_transaction_read_only`. After a failover the address can lead to a
+/// read-only node and later to the promoted one; a client that never chose the setting
+/// must get the writable node's default then, not carry the old node's `on` onto it.
+/// When it chose the setting (startup packet, or a `SET` it ran), it follows the client.
+const NODE_DEFAULT: usize = 6;
+
 fn tracked_index(name: &str) -> Option<usize> {
     TRACKED.iter().position(|t| *t == name)
 }
@@ -196,6 +203,8 @@ pub struct ServerParams {
     extras: BTreeMap<String, String>,
     /// Everything the server reported at login, for the client's login burst.
     pub startup: Vec<(String, String)>,
+    /// The [`NODE_DEFAULT`] parameter's value at login: the node's default.
+    node_default: Option<String>,
 }
 
 impl ServerParams {
@@ -216,6 +225,7 @@ impl ServerParams {
         for (k, v) in &startup {
             p.reported(k, v);
         }
+        p.node_default.clone_from(&p.tracked[NODE_DEFAULT]);
         p.startup = startup;
         p
     }
@@ -248,6 +258,8 @@ impl ClientParams {
             extras: BTreeMap::new(),
             startup_extras: BTreeMap::new(),
         };
+        // Not chosen (yet): each server keeps its node's default.
+        p.tracked[NODE_DEFAULT] = None;
         for (k, v) in requested {
             let name = canonical_name(k);
             if !valid_name(&name) {
@@ -329,7 +341,10 @@ impl ClientParams {
             .iter()
             .zip(&server.tracked)
             .any(|(c, s)| c.is_some() && c != s);
-        if !tracked_differs && self.extras == server.extras {
+        // Left changed by an earlier client, where this one never chose it.
+        let node_default_changed = self.tracked[NODE_DEFAULT].is_none()
+            && server.tracked[NODE_DEFAULT] != server.node_default;
+        if !tracked_differs && !node_default_changed && self.extras == server.extras {
             return None;
         }
         let mut sql = String::new();
@@ -339,6 +354,11 @@ impl ClientParams {
                     push_set(&mut sql, name, v);
                 }
             }
+        }
+        if node_default_changed {
+            sql.push_str("RESET ");
+            sql.push_str(TRACKED[NODE_DEFAULT]);
+            sql.push(';');
         }
         for (k, v) in &self.extras {
             if server.extras.get(k) != Some(v) {
@@ -512,5 +532,56 @@ mod tests {
             vec![("application_name".into(), "a b".into())]
         );
         assert!(parse_options("-x").is_err());
+    }
+
+    fn node(read_only: &str) -> ServerParams {
+        ServerParams::from_startup(vec![
+            ("TimeZone".into(), "UTC".into()),
+            ("default_transaction_read_only".into(), read_only.into()),
+        ])
+    }
+
+    #[test]
+    fn the_node_default_is_the_one_tracked_parameter_not_frozen_at_login() {
+        assert_eq!(TRACKED[NODE_DEFAULT], "default_transaction_read_only");
+    }
+
+    #[test]
+    fn a_read_only_default_seen_at_login_does_not_follow_the_client() {
+        // Logged in while the address led to a read-only node ...
+        let mut c = ClientParams::new(&node("on"), &[]).unwrap();
+        assert!(c
+            .login_report(&node("on"))
+            .contains(&("default_transaction_read_only", "on")));
+        // ... a server of the writable node is used as it is.
+        let mut writable = node("off");
+        assert_eq!(c.sync_sql(&writable), None);
+        // One that an earlier client left read-only goes back to the node's default.
+        writable.reported("default_transaction_read_only", "on");
+        assert_eq!(
+            c.sync_sql(&writable).as_deref(),
+            Some("RESET default_transaction_read_only;")
+        );
+        // The client's own SET (its ParameterStatus) makes it the client's choice.
+        c.reported("default_transaction_read_only", "on");
+        assert_eq!(
+            c.sync_sql(&node("off")).as_deref(),
+            Some("SET default_transaction_read_only = E'on';")
+        );
+        assert_eq!(c.sync_sql(&writable), None);
+    }
+
+    #[test]
+    fn a_read_only_default_asked_for_at_startup_follows_the_client() {
+        let c = ClientParams::new(
+            &node("off"),
+            &[("default_transaction_read_only".into(), "on".into())],
+        )
+        .unwrap();
+        assert_eq!(
+            c.sync_sql(&node("off")).as_deref(),
+            Some("SET default_transaction_read_only = E'on';")
+        );
+        assert_eq!(c.sync_sql(&node("on")), None);
     }
 }

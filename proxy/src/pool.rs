@@ -99,10 +99,13 @@ pub enum CloseReason {
     /// Pinned to a client that made session state on it (`session_state_action = "pin"`);
     /// closed when that client left, so the state reaches no one else.
     SessionState,
+    /// A primary's server refused a write as read-only (SQLSTATE 25006): after a failover
+    /// the address may lead to a standby or to the old primary back read-only.
+    ReadOnly,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::IdleTimeout,
         CloseReason::Lifetime,
         CloseReason::PoolShrunk,
@@ -118,6 +121,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::DbLimit,
         CloseReason::SessionState,
+        CloseReason::ReadOnly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +141,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::DbLimit => "max_db_connections",
             CloseReason::SessionState => "session_state",
+            CloseReason::ReadOnly => "read_only",
         }
     }
 }
@@ -861,6 +866,13 @@ impl Pool {
         }
         if self.is_removed() {
             self.close(server, CloseReason::Reload);
+            return;
+        }
+        if server.refused_write && self.role == Role::Primary {
+            // Reused, it would refuse every write until server_lifetime; a new login goes
+            // wherever the address leads now (the promoted node, once DNS has moved).
+            tracing::warn!(db = %self.database, user = %self.user, server = server.id, "a server refused a write as read-only (25006); closing it rather than reusing it: after a failover the address may still lead to a standby");
+            self.close(server, CloseReason::ReadOnly);
             return;
         }
         if server.generation < self.generation.load(Ordering::Relaxed) {

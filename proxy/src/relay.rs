@@ -739,6 +739,7 @@ pub fn scan_server(
             readies: &mut server.readies,
             error_classes: &mut server.error_classes,
             said_fatal: &mut server.said_fatal,
+            refused_write: &mut server.refused_write,
         };
         let swallow = on_message(
             parts,
@@ -824,6 +825,7 @@ struct Parts<'a> {
     readies: &'a mut u64,
     error_classes: &'a mut Vec<[u8; 2]>,
     said_fatal: &'a mut bool,
+    refused_write: &'a mut bool,
 }
 
 /// Handles one whole server message; returns whether to hide it from the client.
@@ -894,6 +896,9 @@ fn on_message(
                 count_class(&mut s, &f);
                 if matches!(f.severity(), "FATAL" | "PANIC") {
                     *s.said_fatal = true;
+                }
+                if f.code() == crate::protocol::sqlstate::READ_ONLY_SQL_TRANSACTION {
+                    *s.refused_write = true;
                 }
             }
             if let Some(Expect::TrackedSet { failed, .. }) = s.expect.front_mut() {

@@ -1,4 +1,5 @@
-//! SQLSTATE codes used in pgmux's own ErrorResponses (PostgreSQL Appendix A).
+//! SQLSTATE codes used in pgmux's own ErrorResponses, and the few of PostgreSQL's that
+//! pgmux acts on (PostgreSQL Appendix A).
 
 pub const PROTOCOL_VIOLATION: &str = "08P01";
 pub const CONNECTION_FAILURE: &str = "08006";
@@ -15,3 +16,5 @@ pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+/// PostgreSQL's refusal of a write in a read-only transaction (or on a standby).
+pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
