@@ -144,6 +144,13 @@ async fn raw_protocol_statement_lifecycle() {
     assert_eq!(tags(&b.read_until_ready()), "1Z");
     // Hold one server in a transaction so the other client's statements must move.
     a.simple_query("begin");
+    // b's first message on the other server is a Describe of a statement that server has
+    // never seen (libpq's PQdescribePrepared, JDBC's metadata calls): pgmux prepares it
+    // there first, and the client sees only the Describe's answer.
+    let mut pkt = describe_stmt("s1");
+    pkt.extend(sync());
+    b.send(&pkt);
+    assert_eq!(tags(&b.read_until_ready()), "tTZ");
     for _ in 0..3 {
         let mut pkt = bind("s1", &[]);
         pkt.extend(execute());
