@@ -45,17 +45,22 @@ const MIB: i64 = 1024 * 1024;
 
 /// pgmux's resident set size in bytes (VmRSS of /proc/PID/status).
 fn rss(px: &Pgmux) -> i64 {
+    status_bytes(px, "VmRSS:")
+}
+
+/// A size field of pgmux's /proc/PID/status, in bytes.
+fn status_bytes(px: &Pgmux, field: &str) -> i64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", px.pid()))
         .expect("read /proc/PID/status of pgmux");
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc/PID/status");
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
     let kib: i64 = line
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
+        .unwrap_or_else(|| panic!("{field} value"));
     kib * 1024
 }
 
@@ -461,6 +466,8 @@ fn claimed_lengths_are_not_allocated_and_max_message_size_is_exact() {
     let px = db.pgmux_env(&[], &[("PGMUX_MAX_MESSAGE_SIZE", "1GB")]);
     let steady = Steady::start(&db, &px);
     let rss_before = rss(&px);
+    // Reserved but never written memory does not show in RSS; it does in the data size.
+    let data_before = status_bytes(&px, "VmData:");
     let claimed = (1i32 << 30) - 16;
     let mut held = Vec::new();
     for i in 0..48 {
@@ -483,6 +490,7 @@ fn claimed_lengths_are_not_allocated_and_max_message_size_is_exact() {
     expect_fatal(&mut c, "08P01", "2^31-1 with a 1 GiB limit");
     std::thread::sleep(Duration::from_secs(2));
     let rss_held = rss(&px);
+    let data_held = status_bytes(&px, "VmData:");
     steady.wait_for_progress();
     drop(held);
     std::thread::sleep(Duration::from_millis(500));
@@ -497,6 +505,14 @@ fn claimed_lengths_are_not_allocated_and_max_message_size_is_exact() {
         mib(rss_held)
     );
     assert!(rss_after - rss_before < 64 * MIB);
+    // One claimed length reserved would add 1 GiB; threads' stacks and malloc's arenas
+    // stay far below half of that.
+    assert!(
+        data_held - data_before < 512 * MIB,
+        "claimed lengths were reserved: data size {} -> {}",
+        mib(data_before),
+        mib(data_held)
+    );
     steady.finish();
     assert_servers_clean(&db, &px);
 }
