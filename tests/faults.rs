@@ -8,9 +8,8 @@
 //!   connection through it is reset;
 //! * someone else takes every connection slot of PostgreSQL (`53300 too many clients`)
 //!   and gives them back.
-//! * (ignored: a pgmux bug) the network resets pgmux's connections after PostgreSQL
-//!   committed a statement but before its answer arrived: the statement must not be
-//!   run a second time.
+//! * the network resets pgmux's connections after PostgreSQL committed a statement
+//!   but before its answer arrived: the statement must not be run a second time.
 //!
 //! In each, what a user would check: no client waits forever (every operation has a
 //! deadline well above pgmux's configured bounds), errors are PostgreSQL errors with a
