@@ -485,3 +485,49 @@ async fn own_answers_after_a_pipelined_sync_survive_an_earlier_error() {
         assert_eq!(tags(&c.read_until_ready()), "1Z");
     }
 }
+
+/// pgmux prepares a client's statement on a server that lacks it by sending a Parse of its
+/// own ahead of the client's Bind. When an earlier message of the same pipeline fails,
+/// PostgreSQL skips everything up to Sync, that Parse included: the statement is still
+/// missing there, and the client's next use must prepare it again rather than get
+/// `26000 prepared statement "pgmux_N" does not exist`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_pgmux_prepares_behind_a_failing_message_are_prepared_again() {
+    let env = env();
+    let px = env.pgmux(&["--pool-size", "1"]);
+    let mut c = env.raw(&px);
+    let mut pkt = parse("num", "select $1::int");
+    pkt.extend(parse("later", "select 'later'::text"));
+    pkt.extend(sync());
+    c.send(&pkt);
+    assert_eq!(tags(&c.read_until_ready()), "11Z");
+    // The only server goes (terminated from outside while idle); its replacement has
+    // neither statement.
+    let killed = env.psql(&format!(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity where usename = '{}' and state = 'idle'",
+        env.user
+    ));
+    assert_eq!(killed.trim(), "1");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // 'abc' is not an int: the Bind fails, and PostgreSQL skips the rest, pgmux's Parse
+    // of "later" included.
+    let mut pkt = bind("num", &["abc"]);
+    pkt.extend(execute());
+    pkt.extend(bind("later", &[]));
+    pkt.extend(execute());
+    pkt.extend(sync());
+    c.send(&pkt);
+    let msgs = c.read_until_ready();
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(sqlstate(&msgs).as_deref(), Some("22P02"));
+    // Both statements work on that server afterwards.
+    for (stmt, params, want) in [("later", vec![], "later"), ("num", vec!["7"], "7")] {
+        let mut pkt = bind(stmt, &params);
+        pkt.extend(execute());
+        pkt.extend(sync());
+        c.send(&pkt);
+        let msgs = c.read_until_ready();
+        assert_eq!(tags(&msgs), "2DCZ", "{stmt}: {:?}", sqlstate(&msgs));
+        assert_eq!(first_value(&msgs), want);
+    }
+}
