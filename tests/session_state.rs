@@ -420,12 +420,16 @@ fn reported_parameters_follow_each_client_and_never_pin() {
     ok(&mut a, "SET TimeZone = 'Asia/Tokyo'");
     ok(&mut a, "SET DateStyle = 'SQL, DMY'");
     ok(&mut a, "SET application_name = 'renamed'");
+    ok(&mut a, "SET default_transaction_read_only = on");
     for _ in 0..5 {
         assert_eq!(value(&mut a, "SHOW TimeZone"), "Asia/Tokyo");
         assert_eq!(value(&mut a, "SHOW DateStyle"), "SQL, DMY");
+        assert_eq!(value(&mut a, "SHOW default_transaction_read_only"), "on");
         assert_eq!(value(&mut b, "SHOW TimeZone"), tz);
         assert_eq!(value(&mut b, "SHOW DateStyle"), style);
         assert_ne!(value(&mut b, "SHOW application_name"), "renamed");
+        // b never chose it: the node's default, not a's read-only sessions.
+        assert_eq!(value(&mut b, "SHOW default_transaction_read_only"), "off");
     }
     let p = pool(&px, &db);
     assert_eq!(p["totals"]["session_pins"], 0, "{p}");
