@@ -11,6 +11,10 @@
 //! recognised by [`crate::sessionstate::plain_set`], recorded by `relay` when PostgreSQL
 //! has carried it out).
 //!
+//! A client's reported values start as the server's at its login, with one exception:
+//! `default_transaction_read_only` follows the client only once the client chose it;
+//! until then a server keeps its node's default (see [`NODE_DEFAULT`]: failover).
+//!
 //! Values are sent as `E'…'` literals with `\` and `'` escaped, which PostgreSQL reads the
 //! same whatever `standard_conforming_strings` is; names are restricted to identifier
 //! characters. SQL is never built from unchecked client strings.
