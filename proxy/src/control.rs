@@ -15,7 +15,7 @@
 //! * kill also ends the database's clients (their sessions watch a kill token).
 //! * reload applies the difference to the running configuration under the layout lock
 //!   (see [`Shared`]'s `layout`): a removed database's pools leave the maps and are
-//!   marked removed — their clients see it through [`ClientEntry::removed`] at their
+//!   marked removed — their clients see it through [`ClientEntry::is_removed`] at their
 //!   next transaction boundary, their servers close as they come back; a changed
 //!   replica list stops the database's topology and builds successors the way a first
 //!   login would, and each primary pool points at its current replica set

@@ -13,7 +13,7 @@
 //!
 //! A client's reported values start as the server's at its login, with one exception:
 //! `default_transaction_read_only` follows the client only once the client chose it;
-//! until then a server keeps its node's default (see [`NODE_DEFAULT`]: failover).
+//! until then a server keeps its node's default (`NODE_DEFAULT`, for failover).
 //!
 //! Values are sent as `E'…'` literals with `\` and `'` escaped, which PostgreSQL reads the
 //! same whatever `standard_conforming_strings` is; names are restricted to identifier
