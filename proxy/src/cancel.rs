@@ -140,6 +140,68 @@ mod tests {
         }
     }
 
+    /// The whole path: a client's CancelRequest through [`CancelRegistry::cancel`] to a
+    /// server that takes its time (PostgreSQL closes the connection once it has signalled
+    /// the backend). The server stays with its client until the cancel is through.
+    #[tokio::test]
+    async fn a_forwarded_cancel_keeps_the_server_until_it_is_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut t = target();
+        t.addr = Arc::new(ServerAddr {
+            port: server.local_addr().unwrap().port(),
+            ..(*t.addr).clone()
+        });
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut pkt = [0u8; 16];
+            s.read_exact(&mut pkt[..8]).await.unwrap();
+            if pkt[4..8] == 80877103i32.to_be_bytes() {
+                // SSLRequest first (sslmode prefer): no TLS here.
+                s.write_all(b"N").await.unwrap();
+                s.read_exact(&mut pkt[..8]).await.unwrap();
+            }
+            s.read_exact(&mut pkt[8..]).await.unwrap();
+            let _ = got_tx.send(pkt);
+            let _ = close_rx.await;
+        });
+        let registry = Arc::new(CancelRegistry::default());
+        let reg = registry.register();
+        reg.slot.link(&t);
+        let (pid, secret) = (reg.pid, reg.secret);
+        let r = registry.clone();
+        let cancel = tokio::spawn(async move { r.cancel(pid, secret).await });
+        let pkt = tokio::time::timeout(Duration::from_secs(5), got_rx)
+            .await
+            .expect("the cancel reaches the server")
+            .unwrap();
+        let mut want = 16i32.to_be_bytes().to_vec();
+        want.extend_from_slice(&80877102i32.to_be_bytes());
+        want.extend_from_slice(&t.pid.to_be_bytes());
+        want.extend_from_slice(&t.secret.to_be_bytes());
+        assert_eq!(
+            pkt[..],
+            want[..],
+            "a CancelRequest with the server's own key"
+        );
+        let slot = reg.slot.clone();
+        let unlink = tokio::spawn(async move { slot.unlink().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !unlink.is_finished(),
+            "the server went back while its cancel was in flight"
+        );
+        drop(close_tx);
+        tokio::time::timeout(Duration::from_secs(5), unlink)
+            .await
+            .expect("unlink ends once the cancel is through")
+            .unwrap();
+        assert!(cancel.await.unwrap(), "the cancel was forwarded");
+        assert_eq!(t.lock.available_permits(), 1);
+    }
+
     #[tokio::test]
     async fn unlink_waits_for_a_cancel_in_flight_and_no_cancel_starts_after_it() {
         let registry = Arc::new(CancelRegistry::default());
