@@ -45,23 +45,12 @@ const MIB: i64 = 1024 * 1024;
 
 /// pgmux's resident set size in bytes (VmRSS of /proc/PID/status).
 fn rss(px: &Pgmux) -> i64 {
-    status_bytes(px, "VmRSS:")
+    status_bytes(px, "VmRSS")
 }
 
 /// A size field of pgmux's /proc/PID/status, in bytes.
 fn status_bytes(px: &Pgmux, field: &str) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", px.pid()))
-        .expect("read /proc/PID/status of pgmux");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
-    let kib: i64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{field} value"));
-    kib * 1024
+    support::proc_status_kib(px.pid(), field) as i64 * 1024
 }
 
 fn mib(bytes: i64) -> String {
@@ -467,7 +456,7 @@ fn claimed_lengths_are_not_allocated_and_max_message_size_is_exact() {
     let steady = Steady::start(&db, &px);
     let rss_before = rss(&px);
     // Reserved but never written memory does not show in RSS; it does in the data size.
-    let data_before = status_bytes(&px, "VmData:");
+    let data_before = status_bytes(&px, "VmData");
     let claimed = (1i32 << 30) - 16;
     let mut held = Vec::new();
     for i in 0..48 {
@@ -490,7 +479,7 @@ fn claimed_lengths_are_not_allocated_and_max_message_size_is_exact() {
     expect_fatal(&mut c, "08P01", "2^31-1 with a 1 GiB limit");
     std::thread::sleep(Duration::from_secs(2));
     let rss_held = rss(&px);
-    let data_held = status_bytes(&px, "VmData:");
+    let data_held = status_bytes(&px, "VmData");
     steady.wait_for_progress();
     drop(held);
     std::thread::sleep(Duration::from_millis(500));

@@ -432,13 +432,7 @@ struct Sampler<'a> {
 
 impl Sampler<'_> {
     fn rss_kib(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_else(|e| panic!("read /proc/{}/status: {e}", self.pid));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+        support::proc_status_kib(self.pid, "VmRSS")
     }
 
     fn fds(&self) -> i64 {

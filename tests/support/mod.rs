@@ -975,6 +975,17 @@ pub fn wait_servers_are_backends(
     }
 }
 
+/// A size field of a process's /proc/PID/status (`VmRSS`, `VmData`, …), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
 /// Open file descriptors of the pgmux process (`/proc/PID/fd`).
 pub fn pgmux_fds(px: &Pgmux) -> i64 {
     fs::read_dir(format!("/proc/{}/fd", px.pid()))
