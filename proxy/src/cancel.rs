@@ -140,6 +140,23 @@ mod tests {
         }
     }
 
+    /// `slot.unlink()` does not return while the cancel that `in_flight` stands for is
+    /// under way, and does once it is dropped.
+    async fn unlink_waits_for<T>(slot: &Arc<CancelSlot>, in_flight: T) {
+        let s = slot.clone();
+        let unlink = tokio::spawn(async move { s.unlink().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !unlink.is_finished(),
+            "the server went back while a cancel was in flight"
+        );
+        drop(in_flight);
+        tokio::time::timeout(Duration::from_secs(5), unlink)
+            .await
+            .expect("unlink ends once the cancel is through")
+            .unwrap();
+    }
+
     /// The whole path: a client's CancelRequest through [`CancelRegistry::cancel`] to a
     /// server that takes its time (PostgreSQL closes the connection once it has signalled
     /// the backend). The server stays with its client until the cancel is through.
@@ -210,18 +227,7 @@ mod tests {
         reg.slot.link(&t);
         // What `cancel` holds while it sends the request to the server.
         let in_flight = t.lock.clone().try_acquire_owned().unwrap();
-        let slot = reg.slot.clone();
-        let unlink = tokio::spawn(async move { slot.unlink().await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !unlink.is_finished(),
-            "the server went back while a cancel was in flight"
-        );
-        drop(in_flight);
-        tokio::time::timeout(Duration::from_secs(5), unlink)
-            .await
-            .expect("unlink ends once the cancel is done")
-            .unwrap();
+        unlink_waits_for(&reg.slot, in_flight).await;
         // Unlinked: the right key forwards nothing, and the permit is back for the
         // server's next client.
         assert!(!registry.cancel(reg.pid, reg.secret).await);
