@@ -40,6 +40,20 @@ fn metric(px: &Pgmux, name: &str, label: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// `n` clients in transactions at once, so that pgmux opens `n` servers; then they
+/// commit, and the servers stay open and idle. The clients are returned.
+fn open_servers(db: &TestDb, px: &Pgmux, n: usize) -> Vec<RawConn> {
+    let mut conns: Vec<RawConn> = (0..n).map(|_| db.raw(px)).collect();
+    for c in &mut conns {
+        assert!(c.simple_query("BEGIN").iter().all(|(t, _)| *t != b'E'));
+    }
+    assert_eq!(backends(db), n as i64);
+    for c in &mut conns {
+        assert!(c.simple_query("COMMIT").iter().all(|(t, _)| *t != b'E'));
+    }
+    conns
+}
+
 #[test]
 fn idle_servers_are_reaped_down_to_min_pool_size() {
     let db = TestDb::new("reap_idle");
@@ -50,15 +64,7 @@ fn idle_servers_are_reaped_down_to_min_pool_size() {
             ("PGMUX_MIN_POOL_SIZE", "2"),
         ],
     );
-    // Six clients in transactions at once: six servers.
-    let mut conns: Vec<RawConn> = (0..6).map(|_| db.raw(&px)).collect();
-    for c in &mut conns {
-        assert!(c.simple_query("BEGIN").iter().all(|(t, _)| *t != b'E'));
-    }
-    assert_eq!(backends(&db), 6);
-    for c in &mut conns {
-        assert!(c.simple_query("COMMIT").iter().all(|(t, _)| *t != b'E'));
-    }
+    let mut conns = open_servers(&db, &px, 6);
     // After the idle timeout the surplus goes, down to the minimum and no further.
     wait_until(
         "reaping to min_pool_size",
@@ -562,14 +568,7 @@ fn servers_that_refused_a_write_as_read_only_are_not_reused() {
     ));
     let px = db.pgmux(&["--pool-size", "2"]);
     // Both servers open, on the read-only node.
-    let mut conns: Vec<RawConn> = (0..2).map(|_| db.raw(&px)).collect();
-    for c in &mut conns {
-        assert!(c.simple_query("BEGIN").iter().all(|(t, _)| *t != b'E'));
-    }
-    for c in &mut conns {
-        assert!(c.simple_query("COMMIT").iter().all(|(t, _)| *t != b'E'));
-    }
-    assert_eq!(backends(&db), 2);
+    let mut conns = open_servers(&db, &px, 2);
     let mut client = conns.pop().unwrap();
     let insert = "INSERT INTO written VALUES (1)";
     let refused = error_of(&client.simple_query(insert)).expect("the write is refused");
